@@ -1,0 +1,3 @@
+from vqtok.cli import main
+
+raise SystemExit(main())
