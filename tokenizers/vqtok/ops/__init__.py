@@ -33,17 +33,26 @@ def _backend_name(backend) -> str:
 # nearest_code
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("vqtok::nearest_code_l2", mutates_args=())
-def _nearest_code_l2(x: torch.Tensor, codebook: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return resolve("nearest_code_l2", backend, x.device)(x, codebook)
+def _nearest_code_l2(
+    x: torch.Tensor, codebook: torch.Tensor, backend: str, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return resolve("nearest_code_l2", backend, x.device)(x, codebook, precision)
 
 
 @_nearest_code_l2.register_fake
-def _(x, codebook, backend):
+def _(x, codebook, backend, precision):
     n = x.shape[0]
     return x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32)
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2", backend: str | Backend = "auto"):
+def nearest_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    metric: str = "l2",
+    backend: str | Backend = "auto",
+    precision: str = "exact",
+):
     """Nearest code of every row of ``x``.
 
     Args:
@@ -53,12 +62,18 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
             once in fp32 (zero rows stay zero) and ranked by squared L2 between the normalised
             rows; the returned distance is ``1 - cos`` (a zero vector has cos 0, distance 1).
         backend: ``auto`` | ``torch`` | ``cpp`` | ``cuda`` | ``triton``.
+        precision: ``"exact"`` (fp32 ranking with certified re-checks) or ``"fast"`` (low-precision
+            dot products keep a few candidates per row, re-ranked exactly in fp32, with an exact
+            fallback for rows inside the rounding-error bound). Both return the same answer;
+            ``fast`` is only a speed knob and backends without a fast path run ``exact``.
 
     Returns:
         (indices int64 [N], distances float32 [N]); ties go to the lowest index. No N x K matrix
         is materialised by any backend but ``torch``, which chunks it.
     """
     _checks.check_search_inputs(x, codebook, metric)
+    if precision not in ("exact", "fast"):
+        raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
     name = _backend_name(backend)
     x, codebook = x.detach(), codebook.detach()
     if metric == "cosine":
@@ -71,7 +86,7 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2",
         xs, cs = x, codebook
     if xs.shape[0] == 0:
         return (torch.empty(0, dtype=torch.int64, device=x.device), torch.empty(0, dtype=torch.float32, device=x.device))
-    idx, dist = _nearest_code_l2(xs, cs, name)
+    idx, dist = _nearest_code_l2(xs, cs, name, precision)
     if metric == "cosine":
         dist = _ref.cosine_distance_of(xs, cs, idx)
     return idx, dist
