@@ -1,0 +1,161 @@
+"""evaluate(), `vqtok eval` and `vqtok report` on small real models and real photos."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from skimage import data as skdata
+
+from vqtok.evaluate import codebook_stats, evaluate, run_evaluation
+from vqtok.metrics import psnr as psnr_fn
+from vqtok.ops import fsq_indices_to_codes, fsq_quantize
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny conv autoencoder with FSQ (single or residual), built on the ops
+# --------------------------------------------------------------------------------------------
+class TinyFSQ(nn.Module):
+    """FSQ on [B, D, h, w] maps; ``depth`` > 1 quantizes the residual again (indices [..., depth])."""
+
+    def __init__(self, levels=(5, 5, 3), depth: int | None = None):
+        super().__init__()
+        self.levels, self.dim = list(levels), len(levels)
+        self.codebook_size = math.prod(levels)
+        if depth:
+            self.num_quantizers = depth
+
+    def forward(self, z):
+        zt = z.movedim(1, -1)
+        codes, idx = fsq_quantize(zt, self.levels)
+        idx_all, q = [idx.long()], codes
+        for _ in range(getattr(self, "num_quantizers", 1) - 1):
+            c2, i2 = fsq_quantize((zt - q) * 4, self.levels)
+            q, idx_all = q + c2 / 4, idx_all + [i2.long()]
+        indices = torch.stack(idx_all, -1) if hasattr(self, "num_quantizers") else idx_all[0]
+        return SimpleNamespace(quantized=q.movedim(-1, 1), indices=indices)
+
+
+class TinyAE(nn.Module):
+    def __init__(self, quantizer: TinyFSQ, modality: str = "image"):
+        super().__init__()
+        self.modality, self.quantizer = modality, quantizer
+        conv, tconv = (nn.Conv1d, nn.ConvTranspose1d) if modality == "audio" else (nn.Conv2d, nn.ConvTranspose2d)
+        cin = 1 if modality == "audio" else 3
+        self.enc = nn.Sequential(conv(cin, 16, 4, 2, 1), nn.GELU(), conv(16, quantizer.dim, 3, 1, 1))
+        self.dec = nn.Sequential(conv(quantizer.dim, 16, 3, 1, 1), nn.GELU(), tconv(16, cin, 4, 2, 1))
+
+    def forward(self, x):
+        quant = self.quantizer(self.enc(x))
+        return SimpleNamespace(recon=self.dec(quant.quantized), quant=quant)
+
+
+def photo_crops(n: int = 12, size: int = 32) -> torch.Tensor:
+    """n real-photo crops [n, 3, size, size] in [-1, 1]."""
+    crops = []
+    names = ["astronaut", "chelsea", "coffee", "rocket"]
+    for i in range(n):
+        img = getattr(skdata, names[i % 4])()
+        y, x = 40 + 17 * (i // 4), 60 + 23 * (i // 4)
+        crops.append(torch.from_numpy(img[y : y + size, x : x + size, :3].copy()).permute(2, 0, 1))
+    return torch.stack(crops).float() / 127.5 - 1.0
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate()
+# --------------------------------------------------------------------------------------------
+def test_codebook_stats_from_histogram():
+    s = codebook_stats(torch.tensor([5, 5, 0, 0]))
+    assert s["usage"] == 0.5 and s["dead_codes"] == 2 and s["tokens"] == 10
+    assert s["perplexity"] == pytest.approx(2.0) and s["entropy_bits"] == pytest.approx(1.0)
+    assert not s["collapse"]
+    collapsed = codebook_stats(torch.tensor([100] + [0] * 99))
+    assert collapsed["collapse"] and collapsed["perplexity"] == pytest.approx(1.0)
+    # a large codebook seen through few tokens is judged against what those tokens could reach
+    sparse = torch.zeros(1 << 16, dtype=torch.long)
+    sparse[:50] = 1
+    assert not codebook_stats(sparse)["collapse"]
+
+
+def test_evaluate_matches_direct_computation():
+    torch.manual_seed(0)
+    model = TinyAE(TinyFSQ()).eval()
+    x = photo_crops(12)
+    m = evaluate(model, ListDataset(list(x)), batch_size=5, lpips=False, fid=False, progress=False)
+    with torch.no_grad():
+        out = model(x)
+    recon = out.recon.clamp(-1, 1)
+    counts = torch.bincount(out.quant.indices.reshape(-1), minlength=75)
+    expect = codebook_stats(counts)
+    assert m["samples"] == 12 and m["tokens"] == 12 * 16 * 16
+    for key in ("usage", "perplexity", "entropy_bits", "dead_codes", "collapse"):
+        assert m[key] == pytest.approx(expect[key]), key
+    assert m["psnr"] == pytest.approx(psnr_fn(x, recon).mean().item(), rel=1e-9)
+    assert 0 < m["ssim"] < 1
+    assert m["lpips"] is None and m["rfid"] is None and "layers" not in m
+
+
+def test_evaluate_max_samples_loader_and_examples():
+    torch.manual_seed(0)
+    model = TinyAE(TinyFSQ()).eval()
+    x = photo_crops(12)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
+    out = run_evaluation(model, loader, max_samples=7, lpips=False, fid=False, keep_examples=5, progress=False)
+    assert out.metrics["samples"] == 7 and out.originals.shape == (5, 3, 32, 32)
+    ref = evaluate(model, ListDataset(list(x[:7])), lpips=False, fid=False, progress=False)
+    assert out.metrics["psnr"] == pytest.approx(ref["psnr"]) and out.metrics["usage"] == ref["usage"]
+    with pytest.raises(ValueError, match="max_samples"):
+        evaluate(model, loader, max_samples=0)
+
+
+def test_evaluate_residual_layers_and_unavailable_metrics(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no weights in the cache
+    torch.manual_seed(0)
+    model = TinyAE(TinyFSQ(depth=2)).eval()
+    m = evaluate(model, ListDataset(list(photo_crops(8))), batch_size=4, progress=False)
+    assert len(m["layers"]) == 2 and m["depth"] == 2 and m["codebook_size"] == 75
+    assert m["layers"][0]["tokens"] == m["layers"][1]["tokens"] == 8 * 256
+    assert m["usage"] == pytest.approx((m["layers"][0]["usage"] + m["layers"][1]["usage"]) / 2)
+    assert m["lpips"] is None and m["rfid"] is None
+    assert m["unavailable"]["lpips"]["path"].endswith("alexnet-owt-7be5be79.pth")
+    assert m["unavailable"]["rfid"]["path"].endswith("pt_inception-2015-12-05-6726825d.pth")
+
+
+def test_evaluate_lpips_code_path_is_not_reported_as_lpips():
+    import warnings
+
+    import lpips
+
+    from vqtok.metrics.perceptual import LPIPSMetric
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rand = LPIPSMetric(lpips.LPIPS(net="alex", pnet_rand=True, verbose=False), real_weights=False)
+    torch.manual_seed(0)
+    m = evaluate(TinyAE(TinyFSQ()).eval(), ListDataset(list(photo_crops(4))), lpips=rand, fid=False, progress=False)
+    assert m["lpips"] is None and "random backbone" in m["unavailable"]["lpips"]["reason"]
+    assert m["lpips_random_backbone"] > 0
+
+
+def test_evaluate_audio_skips_image_metrics():
+    torch.manual_seed(0)
+    model = TinyAE(TinyFSQ(levels=(4, 4)), modality="audio").eval()
+    wave = torch.sin(torch.linspace(0, 60, 256))[None].repeat(6, 1)[:, None] * torch.linspace(0.2, 0.9, 6)[:, None, None]
+    m = evaluate(model, ListDataset(list(wave)), batch_size=4, progress=False)
+    assert m["samples"] == 6 and m["psnr"] is not None and m["ssim"] is None
+    assert set(m["unavailable"]) >= {"ssim", "lpips", "rfid"}
