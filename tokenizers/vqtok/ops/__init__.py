@@ -12,6 +12,7 @@ import torch
 from . import _checks
 from . import reference as _ref
 from .dispatch import Backend, BackendUnavailable, available_backends, resolve
+from .lfq_entropy import lfq_entropy
 
 __all__ = [
     "Backend",
@@ -22,6 +23,7 @@ __all__ = [
     "fsq_indices_to_codes",
     "lfq_quantize",
     "lfq_indices_to_codes",
+    "lfq_entropy",
 ]
 
 

@@ -1,0 +1,397 @@
+"""Exact LFQ / BSQ entropy terms without the N x 2^B probability matrix.
+
+Maths (Yu et al. 2023, "Language Model Beats Diffusion", LFQ; Zhao et al. 2024, BSQ). Codes are
+``c in {-s, +s}^B`` (LFQ: s = 1; BSQ: s = 1/sqrt(B)) and the per-token distribution over codes is
+``softmax_c(2 z.c / tau)``. It factorises over bits: with ``a_nb = 4 s z_nb / tau``,
+``p_nb = P(bit b = 1) = sigmoid(a_nb)``.
+
+* per-sample entropy = (1/N) sum_n sum_b H(p_nb)  (closed form, stable in ``|a|``);
+* codebook entropy = H(pbar), ``pbar = (1/N) sum_n prod_b p_n(bit_b)``. Bits split into halves
+  B = B1 + B2; ``P1 [N, 2^B1]`` and ``P2 [N, 2^B2]`` are the per-token probabilities of each half's
+  codes, so ``pbar = P1^T P2 / N`` (one GEMM, chunked over N; never an N x 2^B matrix).
+  Backward: ``G = dH/dpbar``, ``dP1 = P2 G^T / N``, ``dP2 = P1 G / N``, then through the products:
+  ``d log P[n, c] / d a_nb = bit_b(c) - p_nb``.
+
+Bit order is LSB-first (dimension b is bit b of the code index), as in ``lfq_quantize``: the
+half-codebook matrix ``pbar[c1, c2]`` holds the usage of code index ``c1 + 2^B1 * c2``.
+
+``eps_mode`` picks the entropy formula: ``exact`` (-p log p, 0 log 0 = 0, no clamp: uniform usage
+of 2^18 codes is pbar ~ 3.8e-6, below the peers' 1e-5), ``vqtorch`` (vector-quantize-pytorch:
+``-p log(max(p, 1e-5))`` on both terms), ``magvit`` (Open-MAGVIT2: ``-p log(p + 1e-5)`` on both terms).
+The compatibility per-sample terms do not factorise over bits; ``vqtorch``'s is computed exactly in
+O(N 2^B1 B2) time by sorting one half's log-probabilities, ``magvit``'s in O(N 2^B) time (chunked,
+bounded memory): prefer ``exact`` for large codebooks.
+
+DDP: when ``torch.distributed`` is initialised (or ``process_group`` is given) both values are the
+global-batch ones (pbar and the per-sample sum are all-reduced, divided by the global token count).
+Each rank's gradient w.r.t. its local z is ``world_size x d(global value)/d(z_local)``: DDP's mean
+all-reduce of parameter gradients then yields exactly the gradient of the global-batch loss (the
+convention of vector-quantize-pytorch's differentiable all-reduce mean).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+
+EPS_MODES = ("exact", "vqtorch", "magvit")
+COMPAT_EPS = 1e-5
+# P1 + P2 elements per chunk of tokens: bounds the extra memory of the torch path (fp32: 16 MiB
+# for P1 and P2 in the forward, twice that in the backward) while keeping the GEMMs large.
+_CHUNK_ELEMS = 1 << 22
+# Largest codebook whose pbar the torch path holds (2^26 fp32 = 256 MiB); beyond it use Triton.
+MAX_TORCH_BITS = 26
+
+
+# --------------------------------------------------------------------------------------------
+# half-codebook probabilities
+# --------------------------------------------------------------------------------------------
+def half_probs(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a [n, k] bit logits -> P [n, 2^k], P[n, c] = prod_b sigmoid(+-a_nb) (LSB-first, no 0 * inf).
+
+    Built by doubling in place: after bit b the first 2^(b+1) columns hold the codes of bits 0..b.
+    """
+    n, k = a.shape
+    p, q = torch.sigmoid(a), torch.sigmoid(-a)  # q computed directly: no 1 - p cancellation
+    if a.requires_grad and torch.is_grad_enabled():  # differentiable (out-of-place) variant
+        res = a.new_ones(n, 1)
+        for b in range(k):
+            res = torch.cat([res * q[:, b : b + 1], res * p[:, b : b + 1]], 1)
+        return res
+    out = a.new_empty(n, 1 << k) if out is None else out
+    out[:, :1] = 1
+    for b in range(k):
+        w = 1 << b
+        torch.mul(out[:, :w], p[:, b : b + 1], out=out[:, w : 2 * w])
+        out[:, :w].mul_(q[:, b : b + 1])
+    return out
+
+
+def half_logprobs(a: torch.Tensor) -> torch.Tensor:
+    """a [n, k] -> log P [n, 2^k] (finite even where P underflows)."""
+    n, k = a.shape
+    lp, lq = F.logsigmoid(a), F.logsigmoid(-a)
+    out = a.new_zeros(n, 1)
+    for b in range(k):
+        out = torch.cat([out + lq[:, b : b + 1], out + lp[:, b : b + 1]], 1)
+    return out
+
+
+def bits_matrix(k: int, dtype, device) -> torch.Tensor:
+    """[2^k, k] with entry [c, b] = bit b of c."""
+    c = torch.arange(1 << k, device=device)[:, None]
+    return ((c >> torch.arange(k, device=device)) & 1).to(dtype)
+
+
+def _chunk_rows(n: int, b1: int, b2: int, chunk: int | None) -> int:
+    if chunk is None:
+        chunk = max(64, _CHUNK_ELEMS // ((1 << b1) + (1 << b2)))
+    return max(1, min(n, int(chunk)))
+
+
+# --------------------------------------------------------------------------------------------
+# entropy formulas on pbar: value f(p) summed, and its derivative f'(p)
+# --------------------------------------------------------------------------------------------
+def entropy_of(p: torch.Tensor, mode: str) -> torch.Tensor:
+    """sum over entries of f(p): -p log p (exact), -p log max(p, 1e-5) (vqtorch), -p log(p + 1e-5) (magvit)."""
+    if mode == "exact":
+        return -torch.special.xlogy(p, p).sum()
+    if mode == "vqtorch":
+        return -(p * p.clamp(min=COMPAT_EPS).log()).sum()
+    return -(p * (p + COMPAT_EPS).log()).sum()
+
+
+def entropy_grad(p: torch.Tensor, mode: str) -> torch.Tensor:
+    """f'(p) elementwise. Exact mode: -(log p + 1), and 0 where p == 0 (no token reaches that code)."""
+    if mode == "exact":
+        pos = p > 0
+        return torch.where(pos, -(torch.log(torch.where(pos, p, 1.0)) + 1), 0.0)
+    if mode == "vqtorch":
+        return -p.clamp(min=COMPAT_EPS).log() - (p >= COMPAT_EPS).to(p.dtype)
+    return -(p + COMPAT_EPS).log() - p / (p + COMPAT_EPS)
+
+
+def centered_entropy_grad(pbar: torch.Tensor, mode: str) -> torch.Tensor:
+    """f'(pbar) minus its pbar-weighted mean. Every token's code probabilities sum to 1, so a constant
+    shift of G changes no gradient; centring removes the ~|log pbar| offset that otherwise cancels
+    in sum_c P (bit_b(c) - p_b) G(c) and costs fp32 digits."""
+    g = entropy_grad(pbar, mode)
+    return g.sub_((pbar * g).sum() / pbar.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------
+def _resolve_group(process_group):
+    """(group, world_size) when the values must be global, else None."""
+    import torch.distributed as dist
+
+    if process_group is None and not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    return (group, world) if world > 1 else None
+
+
+def _all_reduce_(t: torch.Tensor, dist_info) -> torch.Tensor:
+    if dist_info is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=dist_info[0])
+    return t
+
+
+def global_count(n: int, device, dist_info) -> int:
+    t = torch.tensor([float(n)], dtype=torch.float64, device=device)
+    return int(_all_reduce_(t, dist_info).item())
+
+
+class _GlobalMean(torch.autograd.Function):
+    """local_sum (scalar) -> all-reduced sum / n_global; gradient world / n_global (DDP mean convention)."""
+
+    @staticmethod
+    def forward(ctx, local_sum, n_global, dist_info):
+        ctx.scale = (dist_info[1] if dist_info else 1) / n_global
+        return _all_reduce_(local_sum.detach().clone(), dist_info) / n_global
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None, None
+
+
+class _WithGrad(torch.autograd.Function):
+    """Returns ``value``; its gradient w.r.t. ``x`` was computed eagerly (``grad``) chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, x, value, grad):
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# codebook entropy, torch path: chunked BLAS GEMMs, pbar held (2^B floats), P1/P2 recomputed
+# --------------------------------------------------------------------------------------------
+def pbar_sum(a: torch.Tensor, b1: int, chunk: int) -> torch.Tensor:
+    """sum_n P1[n]^T P2[n] as [2^B1, 2^B2] (not divided by N). a [N, B]."""
+    n, bits = a.shape
+    b2 = bits - b1
+    acc = a.new_zeros(1 << b1, 1 << b2)
+    buf1, buf2 = a.new_empty(min(chunk, n), 1 << b1), a.new_empty(min(chunk, n), 1 << b2)
+    for r in range(0, n, chunk):
+        ac = a[r : r + chunk]
+        m = ac.shape[0]
+        p1, p2 = half_probs(ac[:, :b1], buf1[:m]), half_probs(ac[:, b1:], buf2[:m])
+        acc.addmm_(p1.t(), p2)
+    return acc
+
+
+def _half_grad(p_half: torch.Tensor, dp: torch.Tensor, a_half: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """d/da of sum_c dp[n, c] P[n, c] with d log P/d a_nb = bit_b(c) - p_nb. dp is overwritten."""
+    w = dp.mul_(p_half)
+    return w @ bits - torch.sigmoid(a_half) * w.sum(1, keepdim=True)
+
+
+def pbar_backward(a: torch.Tensor, b1: int, chunk: int, g: torch.Tensor) -> torch.Tensor:
+    """grad w.r.t. a [N, B] of sum(g * P1^T P2) for g [2^B1, 2^B2]."""
+    n, bits = a.shape
+    b2 = bits - b1
+    bits1, bits2 = bits_matrix(b1, a.dtype, a.device), bits_matrix(b2, a.dtype, a.device)
+    grad = torch.empty_like(a)
+    m0 = min(chunk, n)
+    buf1, buf2 = a.new_empty(m0, 1 << b1), a.new_empty(m0, 1 << b2)
+    dbuf1, dbuf2 = a.new_empty(m0, 1 << b1), a.new_empty(m0, 1 << b2)
+    for r in range(0, n, chunk):
+        ac = a[r : r + chunk]
+        m = ac.shape[0]
+        p1, p2 = half_probs(ac[:, :b1], buf1[:m]), half_probs(ac[:, b1:], buf2[:m])
+        dp1 = torch.mm(p2, g.t(), out=dbuf1[:m])
+        dp2 = torch.mm(p1, g, out=dbuf2[:m])
+        grad[r : r + m, :b1] = _half_grad(p1, dp1, ac[:, :b1], bits1)
+        grad[r : r + m, b1:] = _half_grad(p2, dp2, ac[:, b1:], bits2)
+    return grad
+
+
+class _CodebookEntropyTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b1, chunk, mode, dist_info, n_global):
+        pbar = _all_reduce_(pbar_sum(a.detach(), b1, chunk), dist_info).div_(n_global)
+        ctx.save_for_backward(a, pbar)
+        ctx.b1, ctx.chunk, ctx.mode, ctx.n_global = b1, chunk, mode, n_global
+        ctx.world = dist_info[1] if dist_info else 1
+        return entropy_of(pbar, mode)
+
+    @staticmethod
+    def backward(ctx, gh):
+        a, pbar = ctx.saved_tensors
+        g = centered_entropy_grad(pbar, ctx.mode).mul_(gh * ctx.world / ctx.n_global)
+        del pbar
+        return pbar_backward(a.detach(), ctx.b1, ctx.chunk, g), None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# per-sample entropy
+# --------------------------------------------------------------------------------------------
+def per_sample_exact_sum(a: torch.Tensor) -> torch.Tensor:
+    """sum_n sum_b H(sigmoid(a_nb)); H = softplus(-|a|) + |a| sigmoid(-|a|) (no cancellation)."""
+    x = a.abs()
+    return (F.softplus(-x) + x * torch.sigmoid(-x)).sum()
+
+
+def _per_token_vqtorch(a: torch.Tensor, b1: int) -> torch.Tensor:
+    """[n] of -sum_c p_c log max(p_c, eps), p_c = P1[c1] P2[c2], without the n x 2^B matrix.
+
+    For each (n, c1) the codes c2 with log P2 >= log eps - log P1[c1] keep their log; the others
+    use log eps. Sorting log P2 once per token turns that into prefix sums and one binary search.
+    """
+    l1, l2 = half_logprobs(a[:, :b1]), half_logprobs(a[:, b1:])
+    asc, _ = l2.sort(dim=1)
+    desc = asc.flip(1)
+    p2 = desc.exp()
+    zero = p2.new_zeros(p2.shape[0], 1)
+    cum_p = torch.cat([zero, p2.cumsum(1)], 1)  # mass of the k most likely c2
+    cum_pl = torch.cat([zero, (p2 * desc).cumsum(1)], 1)
+    log_eps = math.log(COMPAT_EPS)
+    k = asc.shape[1] - torch.searchsorted(asc.detach().contiguous(), (log_eps - l1).detach().contiguous(), side="left")
+    above_p, above_pl = cum_p.gather(1, k), cum_pl.gather(1, k)
+    inner = l1 * above_p + above_pl + log_eps * (cum_p[:, -1:] - above_p)
+    return -(l1.exp() * inner).sum(1)
+
+
+def _per_token_magvit(a: torch.Tensor, b1: int) -> torch.Tensor:
+    """[n] of -sum_c p_c log(p_c + eps): O(n 2^B) elementwise work; callers chunk n."""
+    p1, p2 = half_probs(a[:, :b1]), half_probs(a[:, b1:])
+    p = p1[:, :, None] * p2[:, None, :]
+    return -(p * (p + COMPAT_EPS).log()).sum((1, 2))
+
+
+def per_sample_compat_sum(a: torch.Tensor, b1: int, mode: str) -> torch.Tensor:
+    """Summed per-token compat entropy, differentiable w.r.t. a; gradients computed chunk by chunk."""
+    n, bits = a.shape
+    if mode == "vqtorch":
+        fn, rows = _per_token_vqtorch, max(1, (1 << 21) // ((1 << b1) * 4 + (1 << (bits - b1))))
+    else:
+        fn, rows = _per_token_magvit, max(1, (1 << 21) // (1 << bits))
+    value = a.new_zeros(())
+    grad = torch.zeros_like(a) if a.requires_grad else None
+    for r in range(0, n, rows):
+        ac = a[r : r + rows].detach()
+        with torch.enable_grad():
+            ac.requires_grad_(grad is not None)
+            v = fn(ac, b1).sum()
+            if grad is not None:
+                (grad[r : r + rows],) = torch.autograd.grad(v, ac)
+        value += v.detach()
+    return value if grad is None else _WithGrad.apply(a, value, grad)
+
+
+# --------------------------------------------------------------------------------------------
+# public op
+# --------------------------------------------------------------------------------------------
+def _use_triton(backend: str, a: torch.Tensor, bits: int) -> bool:
+    if backend in ("torch", "cpp", "cuda"):
+        return False
+    if backend == "triton":
+        from .dispatch import BackendUnavailable, _supports_device
+
+        try:
+            import triton  # noqa: F401
+        except Exception as e:
+            raise BackendUnavailable(f"backend 'triton' is not available for lfq_entropy ({e}); install triton") from e
+        if not _supports_device("triton", a.device):
+            raise BackendUnavailable(
+                f"backend 'triton' cannot run lfq_entropy on {a.device.type} tensors "
+                "(use CUDA tensors, or set TRITON_INTERPRET=1 before importing triton)"
+            )
+        return True
+    # auto: the fused kernel only where pbar is too big to hold
+    return a.device.type == "cuda" and bits > 24 and _triton_importable()
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def lfq_entropy(
+    z: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    scale: float = 1.0,
+    split: int | None = None,
+    chunk: int | None = None,
+    eps_mode: str = "exact",
+    process_group=None,
+    backend: str = "auto",
+):
+    """Per-sample and codebook entropy (nats) of the LFQ/BSQ code distribution softmax(2 z.c / tau).
+
+    Args:
+        z: [..., B] pre-quantisation latents, any float dtype; computed in fp32 (fp64 if z is fp64).
+        temperature: tau > 0 (vector-quantize-pytorch's ``inv_temperature`` is 1/tau).
+        scale: code magnitude s (LFQ 1; BSQ 1/sqrt(B) with z on the unit sphere).
+        split: B1, bits in the first half (default B // 2); any value in [0, B] gives the same result.
+        chunk: tokens per chunk of the GEMM path (default: ~4M P1+P2 elements; smaller saves memory).
+        eps_mode: ``exact`` | ``vqtorch`` | ``magvit`` (see the module docstring).
+        process_group: all-reduce over this group (default: the world group when torch.distributed
+            is initialised). Each rank's gradient is world_size x the gradient of the global value.
+        backend: ``auto`` | ``torch`` (chunked BLAS; ``cpp``/``cuda`` are accepted aliases) |
+            ``triton`` (fused kernel, pbar never stored; ``auto`` picks it on CUDA for B > 24).
+
+    Returns:
+        (per_sample_entropy, codebook_entropy): 0-d tensors in the compute dtype, differentiable.
+    """
+    _checks.check_float_tensor("z", z, min_ndim=1)
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if backend not in ("auto", "torch", "cpp", "cuda", "triton"):
+        raise ValueError(f"backend must be auto|torch|cpp|cuda|triton, got {backend!r}")
+    bits = z.shape[-1]
+    b1 = bits // 2 if split is None else split
+    if isinstance(b1, bool) or not isinstance(b1, int) or not 0 <= b1 <= bits:
+        raise ValueError(f"split must be an int in [0, {bits}] (bits of z), got {split!r}")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    _checks.check_finite("z", z)
+    dist_info = _resolve_group(process_group)
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    a = z.reshape(-1, bits).to(dtype) * (4.0 * scale / temperature)
+    n_global = global_count(a.shape[0], a.device, dist_info) if dist_info else a.shape[0]
+    if n_global == 0:
+        raise ValueError(f"z holds no tokens (shape {tuple(z.shape)})")
+    use_triton = _use_triton(backend, a, bits)
+    if not use_triton and bits > MAX_TORCH_BITS:
+        raise ValueError(
+            f"B={bits} bits: pbar (2^{bits} floats) is too large for the torch path (B <= {MAX_TORCH_BITS}); "
+            "use backend='triton' on a CUDA device"
+        )
+    if eps_mode == "exact":
+        ps_sum = per_sample_exact_sum(a)
+    else:
+        ps_sum = per_sample_compat_sum(a, b1, eps_mode)
+    per_sample = _GlobalMean.apply(ps_sum, n_global, dist_info)
+    if use_triton:
+        if dist_info is not None:
+            raise NotImplementedError("lfq_entropy: the fused triton path does not support process groups yet")
+        from .triton.lfq_entropy import codebook_entropy_fused
+
+        codebook = codebook_entropy_fused(a, b1, eps_mode)
+    else:
+        rows = _chunk_rows(a.shape[0], b1, bits - b1, chunk)
+        codebook = _CodebookEntropyTorch.apply(a, b1, rows, eps_mode, dist_info, n_global)
+    return per_sample, codebook
