@@ -1,0 +1,84 @@
+"""CodebookHealth: counts, perplexity, dead codes, collapse signal, state round trip."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from vqtok.metrics.codebook import CodebookHealth, codebook_summary, per_depth_summary, perplexity_of
+
+
+def test_batch_stats_hand_computed():
+    h = CodebookHealth(8, decay=0.5, dead_ratio=0.5)
+    idx = torch.tensor([0, 0, 1, 3])
+    s = h.update(idx)
+    assert torch.equal(h.histogram, torch.tensor([2, 1, 0, 1, 0, 0, 0, 0]))
+    assert float(s["usage"]) == pytest.approx(3 / 8)
+    p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    assert float(s["perplexity"]) == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-6)
+    # bias-corrected EMA after one step is the batch distribution; dead: p < 0.5 / 8
+    assert torch.allclose(h.corrected_probs(), torch.tensor([0.5, 0.25, 0, 0.25, 0, 0, 0, 0]))
+    assert int(s["dead_codes"]) == 5
+    # second step: ema = 0.5 * (0.5 * p1) + 0.5 * p2, corrected by 1 - 0.25
+    s = h.update(torch.tensor([7, 7]))
+    p1 = torch.tensor([0.5, 0.25, 0, 0.25, 0, 0, 0, 0])
+    p2 = torch.zeros(8)
+    p2[7] = 1
+    assert torch.allclose(h.corrected_probs(), (0.25 * p1 + 0.5 * p2) / 0.75)
+    assert int(h.histogram.sum()) == 6 and int(h.steps) == 2
+
+
+def test_negative_ids_ignored_and_range_checked():
+    h = CodebookHealth(4)
+    h.update(torch.tensor([-1, 2, -1]))
+    assert torch.equal(h.histogram, torch.tensor([0, 0, 1, 0]))
+    with pytest.raises(ValueError, match="< codebook_size=4"):
+        h.update(torch.tensor([4]))
+    with pytest.raises(ValueError, match="codebook_size must be a positive int"):
+        CodebookHealth(0)
+    with pytest.raises(ValueError, match="decay"):
+        CodebookHealth(4, decay=1.0)
+
+
+def test_collapse_signal():
+    k = 256
+    h = CodebookHealth(k, min_usage=0.1)
+    for _ in range(5):
+        s = h.update(torch.randint(0, 4, (1000,)))  # 4 of 256 codes
+    assert float(s["collapse"]) == 1.0 and int(s["dead_codes"]) == k - 4
+    h2 = CodebookHealth(k)
+    for _ in range(5):
+        s = h2.update(torch.randint(0, k, (20000,)))
+    assert float(s["collapse"]) == 0.0 and int(s["dead_codes"]) == 0
+    assert float(s["perplexity"]) > 0.95 * k
+
+
+def test_summary_and_perplexity():
+    counts = torch.tensor([10, 0, 10, 10, 10])
+    assert float(perplexity_of(counts)) == pytest.approx(4.0)
+    idx = torch.tensor([0, 1, 2, 3] * 5)
+    s = codebook_summary(idx, 8)
+    assert s["tokens"] == 20 and s["usage"] == 0.5 and s["unused_codes"] == 4
+    assert s["perplexity"] == pytest.approx(4.0) and s["entropy_bits"] == pytest.approx(2.0)
+    assert s["normalized_entropy"] == pytest.approx(2 / 3)
+    per = per_depth_summary(torch.stack([idx, torch.zeros_like(idx)], -1), 8)
+    assert per[0]["perplexity"] == pytest.approx(4.0) and per[1]["perplexity"] == pytest.approx(1.0)
+
+
+def test_state_dict_round_trip_and_reset():
+    h = CodebookHealth(16)
+    for _ in range(3):
+        h.update(torch.randint(0, 16, (100,)))
+    buf = io.BytesIO()
+    torch.save(h.state_dict(), buf)
+    buf.seek(0)
+    h2 = CodebookHealth(16)
+    h2.load_state_dict(torch.load(buf))
+    for k, v in h.state_dict().items():
+        assert torch.equal(v, h2.state_dict()[k]), k
+    assert h.summary() == h2.summary()
+    h.reset()
+    assert int(h.histogram.sum()) == 0 and int(h.steps) == 0

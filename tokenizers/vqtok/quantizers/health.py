@@ -1,0 +1,187 @@
+"""Codebook health: running usage counts, perplexity, dead codes and a collapse signal.
+
+``CodebookHealth`` is an ``nn.Module`` whose state lives in buffers, so it is saved with the
+model, moves with ``.to()`` and round-trips through ``state_dict``. Under ``torch.distributed``
+every ``update`` all-reduces the batch counts in exactly one collective that every rank enters,
+so all ranks hold identical health state. It lives here (below ``vqtok.metrics`` in the layer
+order) because every quantizer owns one; ``vqtok.metrics.codebook`` re-exports it for evaluation.
+
+Definitions, with p the batch's code distribution (counts / tokens) and K the codebook size:
+
+* usage:       fraction of codes used at least once in the batch.
+* perplexity:  exp(H(p)) with natural logs; K for a uniform distribution, 1 for full collapse.
+* ema_probs:   bias-corrected EMA of p (decay ``decay``).
+* dead codes:  codes whose EMA probability is below ``dead_ratio / K`` (a fraction of the uniform
+               share). A code never seen since the tracker started has probability exactly 0.
+* collapse:    1 when the alive fraction < ``min_usage`` or the EMA perplexity <
+               ``min_perplexity * K``; else 0.
+* histogram:   cumulative counts since the last ``reset`` (int64), also the basis of ``summary``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._common import all_reduce_sum_
+
+MAX_TRACKED_CODES = 1 << 24  # the histogram costs 16 bytes per code
+
+
+def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the distribution proportional to counts [..., K] (float64 math, 0 log 0 = 0)."""
+    c = counts.to(torch.float64)
+    total = c.sum(-1, keepdim=True)
+    p = c / total.clamp_min(1e-300)
+    ent = -(torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))).sum(-1)
+    return torch.exp(ent)
+
+
+class CodebookHealth(nn.Module):
+    """Running usage statistics of one codebook of ``codebook_size`` codes.
+
+    Args:
+        codebook_size: K.
+        decay: EMA decay of the usage distribution.
+        dead_ratio: a code is dead when its EMA probability < dead_ratio / K.
+        min_usage: collapse fires when the alive fraction of codes falls below this.
+        min_perplexity: collapse fires when EMA perplexity < min_perplexity * K.
+        sync: all-reduce counts across ranks when torch.distributed is initialised.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        *,
+        decay: float = 0.99,
+        dead_ratio: float = 0.03,
+        min_usage: float = 0.1,
+        min_perplexity: float = 0.05,
+        sync: bool = True,
+    ):
+        super().__init__()
+        if isinstance(codebook_size, bool) or not isinstance(codebook_size, int) or codebook_size < 1:
+            raise ValueError(f"codebook_size must be a positive int, got {codebook_size!r}")
+        if codebook_size > MAX_TRACKED_CODES:
+            raise ValueError(f"codebook_size {codebook_size} exceeds the tracked maximum {MAX_TRACKED_CODES}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        for name, v in (("dead_ratio", dead_ratio), ("min_usage", min_usage), ("min_perplexity", min_perplexity)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        self.codebook_size = codebook_size
+        self.decay, self.dead_ratio = float(decay), float(dead_ratio)
+        self.min_usage, self.min_perplexity, self.sync = float(min_usage), float(min_perplexity), bool(sync)
+        self.register_buffer("ema_probs", torch.zeros(codebook_size, dtype=torch.float32))
+        self.register_buffer("histogram", torch.zeros(codebook_size, dtype=torch.int64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    # ----------------------------------------------------------------------------------------
+    def counts_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Batch counts [K] int64 of indices (any shape); negative ids (dropped layers) are ignored."""
+        flat = indices.reshape(-1).to(torch.int64)
+        if flat.numel() and int(flat.max()) >= self.codebook_size:
+            raise ValueError(f"indices must be < codebook_size={self.codebook_size}, got max {int(flat.max())}")
+        flat = flat[flat >= 0]
+        return torch.bincount(flat, minlength=self.codebook_size)
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Count ``indices`` (all-reduced over ranks), update the running state, return stats."""
+        return self.update_counts(self.counts_of(indices), reduced=False)
+
+    @torch.no_grad()
+    def update_counts(self, counts: torch.Tensor, *, reduced: bool = False) -> dict[str, torch.Tensor]:
+        """Same as ``update`` from batch counts [K]; ``reduced=True`` when already summed over ranks."""
+        if counts.shape != (self.codebook_size,):
+            raise ValueError(f"counts must have shape ({self.codebook_size},), got {tuple(counts.shape)}")
+        counts = counts.to(device=self.histogram.device, dtype=torch.int64)
+        if self.sync and not reduced:
+            counts = all_reduce_sum_(counts.clone())
+        total = counts.sum()
+        if int(total) > 0:  # identical on every rank after the reduction
+            self.histogram += counts
+            p = counts.to(torch.float32) / total.to(torch.float32)
+            self.ema_probs.mul_(self.decay).add_(p, alpha=1.0 - self.decay)
+            self.steps += 1
+        return self.stats(counts)
+
+    # ----------------------------------------------------------------------------------------
+    def corrected_probs(self) -> torch.Tensor:
+        """Bias-corrected EMA usage distribution [K] (zeros before the first update)."""
+        steps = int(self.steps)
+        if steps == 0:
+            return torch.zeros_like(self.ema_probs)
+        return self.ema_probs / (1.0 - self.decay**steps)
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.corrected_probs() < self.dead_ratio / self.codebook_size
+
+    @torch.no_grad()
+    def stats(self, counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Detached stats: batch usage/perplexity (when counts given) and the running state."""
+        k = self.codebook_size
+        dev = self.histogram.device
+        dead = self.dead_mask().sum()
+        ema_ppl = perplexity_of(self.corrected_probs()).to(torch.float32) if int(self.steps) else torch.tensor(0.0)
+        alive = 1.0 - dead.to(torch.float32) / k
+        collapse = (alive < self.min_usage) | (ema_ppl.to(dev) < self.min_perplexity * k)
+        out = {
+            "dead_codes": dead,
+            "ema_usage": alive,
+            "ema_perplexity": ema_ppl.to(dev),
+            "collapse": collapse.to(torch.float32) if int(self.steps) else torch.zeros((), device=dev),
+            "histogram": self.histogram.detach(),
+        }
+        if counts is not None:
+            out["usage"] = (counts > 0).sum().to(torch.float32) / k
+            out["perplexity"] = perplexity_of(counts).to(torch.float32)
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Cumulative numbers since the last reset (e.g. over an evaluation set)."""
+        h = self.histogram
+        total = int(h.sum())
+        ppl = float(perplexity_of(h)) if total else 0.0
+        return {
+            "tokens": total,
+            "codebook_size": self.codebook_size,
+            "usage": float((h > 0).sum()) / self.codebook_size,
+            "unused_codes": int((h == 0).sum()),
+            "perplexity": ppl,
+            "entropy_bits": math.log2(ppl) if ppl > 0 else 0.0,
+            "normalized_entropy": (math.log(ppl) / math.log(self.codebook_size)) if ppl > 0 and self.codebook_size > 1 else 0.0,
+            "dead_codes": int(self.dead_mask().sum()) if int(self.steps) else self.codebook_size,
+        }
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.ema_probs.zero_()
+        self.histogram.zero_()
+        self.steps.zero_()
+
+    def extra_repr(self) -> str:
+        return f"codebook_size={self.codebook_size}, decay={self.decay}, dead_ratio={self.dead_ratio}"
+
+
+def make_health(codebook_size: int, cfg: dict | None) -> CodebookHealth | None:
+    """A tracker for ``codebook_size`` codes configured by ``cfg`` (None: defaults); None when
+    the codebook is too large to histogram (e.g. LFQ with more than 2^24 codes)."""
+    if codebook_size > MAX_TRACKED_CODES:
+        return None
+    return CodebookHealth(codebook_size, **(cfg or {}))
+
+
+@torch.no_grad()
+def track(health: CodebookHealth | None, indices: torch.Tensor, codebook_size: int, training: bool) -> dict:
+    """Stats of a batch of ``indices``: updates ``health`` when training (all ranks), else reads it.
+
+    Without a tracker (codebooks past 2^24 codes) only the local batch "usage" and "perplexity"
+    are reported, from the distinct ids present.
+    """
+    if health is not None:
+        return health.update(indices) if training else health.stats(health.counts_of(indices))
+    _, counts = torch.unique(indices.reshape(-1), return_counts=True)
+    return {"usage": torch.tensor(counts.numel() / codebook_size), "perplexity": perplexity_of(counts).to(torch.float32)}

@@ -1,0 +1,86 @@
+"""SimVQ (Zhu et al. 2024, "Addressing Representation Collapse in Vector Quantized Models with One
+Linear Layer").
+
+The codebook is C W: a frozen random basis C [K, D] behind one learnable linear map W [D, D].
+Every gradient step on W moves all codes at once, so no code is left behind and the codebook
+does not collapse. Loss: |sg(z) - q|^2 (trains W) + beta |z - sg(q)|^2 (commitment).
+Search goes through ``vqtok.ops.nearest_code`` against C W (no N x K matrix).
+Shapes: z [B, D, *spatial] or [N, D]; indices [B, *spatial] / [N].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqtok.ops import nearest_code
+
+from . import _common as C
+from .base import Quantizer, QuantizerOutput
+from .health import make_health, track
+
+
+class SimVQ(Quantizer):
+    """Args: dim (D), codebook_size (K), beta (commitment weight), estimator ("ste"|"rotation"),
+    backend (nearest_code backend), health (CodebookHealth kwargs), seed (of the frozen basis)."""
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        *,
+        beta: float = 0.25,
+        estimator: str = "ste",
+        backend: str = "auto",
+        health: dict | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.dim = C.check_positive_int("dim", dim)
+        self.codebook_size = C.check_positive_int("codebook_size", codebook_size)
+        C.check_choice("estimator", estimator, C.ESTIMATORS)
+        self.beta, self.estimator, self.backend = float(beta), estimator, backend
+        g = torch.Generator().manual_seed(int(seed))  # same basis on every rank without a broadcast
+        self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim, generator=g) * dim**-0.5)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        nn.init.eye_(self.proj.weight)  # starts at C itself; learned from there
+        self.health = make_health(codebook_size, health)
+
+    def codes(self) -> torch.Tensor:
+        """The effective codebook C W^T [K, D] (differentiable w.r.t. W)."""
+        return self.proj(self.frozen_codebook.to(torch.float32))
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        x, layout = C.flatten_tokens(z, self.dim)
+        with C.fp32_region(z.device):
+            h = x.to(torch.float32)
+            cb = self.codes()
+            idx, _ = nearest_code(h.detach(), cb.detach(), backend=self.backend)
+            q = F.embedding(idx, cb)
+            if h.numel():
+                loss = F.mse_loss(q, h.detach()) + self.beta * F.mse_loss(h, q.detach())
+            else:
+                loss = h.sum() * 0
+            out = C.estimate(h, q, self.estimator)
+        stats = track(self.health, idx, self.codebook_size, self.training)
+        return QuantizerOutput(layout.unflatten(out).to(z.dtype), layout.indices(idx), loss, stats)
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        x, layout = C.flatten_tokens(z, self.dim)
+        with C.fp32_region(z.device):
+            idx, _ = nearest_code(x.to(torch.float32), self.codes(), backend=self.backend)
+        return layout.indices(idx)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        layout = C.layout_of_indices(indices)
+        flat = indices.reshape(-1).to(torch.int64)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(flat.min())}, {int(flat.max())}]")
+        with C.fp32_region(indices.device):
+            out = F.embedding(flat, self.codes())
+        return layout.unflatten(out)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, beta={self.beta}"
