@@ -3,12 +3,226 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
 #include "vqtok/cpu_features.h"
+#include "vqtok/fsq_lfq.h"
+#include "vqtok/nearest.h"
 
 namespace py = pybind11;
+
+// ---- nearest-code search -------------------------------------------------------------------
+namespace {
+
+// Raises ValueError with `msg` when `cond` fails.
+#define VQTOK_CHECK(cond, msg)                  \
+  do {                                          \
+    if (!(cond)) throw py::value_error(msg);    \
+  } while (0)
+
+py::tuple nearest_code_l2_py(uintptr_t x, uintptr_t codebook, int64_t n, int64_t k, int64_t d,
+                             int dtype, bool fast, uintptr_t out_idx, uintptr_t out_dist) {
+  const std::string where = "vqtok._C.nearest_code_l2: ";
+  VQTOK_CHECK(n >= 0, where + "n (rows of x) must be >= 0, got " + std::to_string(n));
+  VQTOK_CHECK(k >= 1 && k < (int64_t{1} << 31),
+              where + "k (codes) must be in [1, 2^31), got " + std::to_string(k));
+  VQTOK_CHECK(d >= 1 && d <= (int64_t{1} << 20),
+              where + "d (feature dim) must be in [1, 2^20], got " + std::to_string(d));
+  VQTOK_CHECK(dtype >= 0 && dtype <= 2,
+              where + "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                  std::to_string(dtype));
+  VQTOK_CHECK(codebook != 0, where + "codebook pointer is null");
+  VQTOK_CHECK(n == 0 || (x != 0 && out_idx != 0 && out_dist != 0),
+              where + "x, out_idx and out_dist pointers must be non-null when n > 0");
+  vqtok::NearestStats st;
+  {
+    py::gil_scoped_release nogil;
+    st = vqtok::nearest_code_l2(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(codebook),
+                                n, k, d, static_cast<vqtok::DType>(dtype), fast,
+                                reinterpret_cast<int64_t*>(out_idx), reinterpret_cast<float*>(out_dist));
+  }
+  return py::make_tuple(st.exact_rows, std::string(st.isa));
+}
+
+void bind_nearest(py::module_& m) {
+  m.def("nearest_code_l2", &nearest_code_l2_py, py::arg("x"), py::arg("codebook"), py::arg("n"),
+        py::arg("k"), py::arg("d"), py::arg("dtype"), py::arg("fast"), py::arg("out_idx"),
+        py::arg("out_dist"),
+        "Exact nearest code by squared L2 on raw pointers (data_ptr()): x n*d and codebook k*d "
+        "contiguous elements of one dtype (0 f32, 1 f16, 2 bf16); writes out_idx (n int64) and "
+        "out_dist (n float32). Returns (rows re-decided in the direct form, ISA used).");
+}
+
+#undef VQTOK_CHECK
+}  // namespace
+// ---- end nearest-code search ---------------------------------------------------------------
+
+// ---- FSQ / LFQ -----------------------------------------------------------------------------
+namespace {
+
+#define VQTOK_FSQ_CHECK(cond, msg)              \
+  do {                                          \
+    if (!(cond)) throw py::value_error(msg);    \
+  } while (0)
+
+// Per-column FSQ constants, computed in double and rounded to float exactly as
+// ops/reference.fsq_constants does (eps = 1e-3), plus the int64 basis.
+struct FsqHost {
+  std::vector<float> half_l, offset, shift, half_width, grad_scale;
+  std::vector<int64_t> levels, basis;
+};
+
+FsqHost fsq_host(const std::vector<int64_t>& levels, const std::string& where) {
+  VQTOK_FSQ_CHECK(!levels.empty(), where + "levels must not be empty");
+  FsqHost h;
+  h.levels = levels;
+  const double eps = 1e-3;
+  int64_t b = 1;
+  for (size_t j = 0; j < levels.size(); ++j) {
+    const int64_t lv = levels[j];
+    VQTOK_FSQ_CHECK(lv >= 2, where + "levels[" + std::to_string(j) + "] must be >= 2, got " + std::to_string(lv));
+    const double hl = double(lv - 1) * (1 - eps) / 2;
+    const double off = lv % 2 == 0 ? 0.5 : 0.0;
+    const double ratio = off / hl;
+    const double sh = ratio < 1 ? std::atanh(std::min(ratio, 0.999999)) : 0.0;
+    h.half_l.push_back(float(hl));
+    h.offset.push_back(float(off));
+    h.shift.push_back(float(sh));
+    h.half_width.push_back(float(lv / 2));
+    h.grad_scale.push_back(float(hl) / float(lv / 2));  // fp32 division, as the reference
+    h.basis.push_back(b);
+    if (j + 1 < levels.size()) {
+      VQTOK_FSQ_CHECK(b <= INT64_MAX / lv, where + "prod(levels) does not fit in int64");
+      b *= lv;
+    }
+  }
+  return h;
+}
+
+vqtok::FsqArgs fsq_args(const FsqHost& h, uintptr_t z, int64_t m, int dtype, const std::string& where) {
+  VQTOK_FSQ_CHECK(m >= 0, where + "m (rows of z) must be >= 0, got " + std::to_string(m));
+  VQTOK_FSQ_CHECK(dtype >= 0 && dtype <= 2,
+                  where + "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  VQTOK_FSQ_CHECK(m == 0 || z != 0, where + "z pointer is null");
+  vqtok::FsqArgs a;
+  a.z = reinterpret_cast<const void*>(z);
+  a.dtype = static_cast<vqtok::InputType>(dtype);
+  a.m = m;
+  a.d = int(h.levels.size());
+  a.half_l = h.half_l.data();
+  a.offset = h.offset.data();
+  a.shift = h.shift.data();
+  a.half_width = h.half_width.data();
+  a.grad_scale = h.grad_scale.data();
+  a.basis = h.basis.data();
+  return a;
+}
+
+void fsq_forward_py(uintptr_t z, int64_t m, const std::vector<int64_t>& levels, int dtype, uintptr_t out_codes,
+                    uintptr_t out_idx, bool idx_int64) {
+  const std::string where = "vqtok._C.fsq_forward: ";
+  const FsqHost h = fsq_host(levels, where);
+  vqtok::FsqArgs a = fsq_args(h, z, m, dtype, where);
+  VQTOK_FSQ_CHECK(m == 0 || (out_codes != 0 && out_idx != 0), where + "out_codes and out_idx must be non-null");
+  a.codes = reinterpret_cast<float*>(out_codes);
+  a.indices = reinterpret_cast<void*>(out_idx);
+  a.indices_int64 = idx_int64;
+  py::gil_scoped_release nogil;
+  vqtok::fsq_forward(a);
+}
+
+void fsq_backward_py(uintptr_t grad_codes, uintptr_t z, int64_t m, const std::vector<int64_t>& levels, int dtype,
+                     uintptr_t out_grad_z) {
+  const std::string where = "vqtok._C.fsq_backward: ";
+  const FsqHost h = fsq_host(levels, where);
+  vqtok::FsqArgs a = fsq_args(h, z, m, dtype, where);
+  VQTOK_FSQ_CHECK(m == 0 || (grad_codes != 0 && out_grad_z != 0), where + "grad_codes and out_grad_z must be non-null");
+  a.grad_codes = reinterpret_cast<const float*>(grad_codes);
+  a.grad_z = reinterpret_cast<float*>(out_grad_z);
+  py::gil_scoped_release nogil;
+  vqtok::fsq_backward(a);
+}
+
+void fsq_indices_to_codes_py(uintptr_t idx, int64_t m, bool idx_int64, const std::vector<int64_t>& levels,
+                             uintptr_t out_codes) {
+  const std::string where = "vqtok._C.fsq_indices_to_codes: ";
+  const FsqHost h = fsq_host(levels, where);
+  VQTOK_FSQ_CHECK(m >= 0, where + "m (number of indices) must be >= 0, got " + std::to_string(m));
+  VQTOK_FSQ_CHECK(m == 0 || (idx != 0 && out_codes != 0), where + "indices and out_codes must be non-null");
+  py::gil_scoped_release nogil;
+  vqtok::fsq_indices_to_codes(reinterpret_cast<const void*>(idx), idx_int64, m, int(h.levels.size()),
+                              h.levels.data(), h.basis.data(), reinterpret_cast<float*>(out_codes));
+}
+
+void lfq_forward_py(uintptr_t z, int64_t m, int bits, int dtype, uintptr_t out_codes, uintptr_t out_idx,
+                    bool idx_int64) {
+  const std::string where = "vqtok._C.lfq_forward: ";
+  VQTOK_FSQ_CHECK(m >= 0, where + "m (rows of z) must be >= 0, got " + std::to_string(m));
+  VQTOK_FSQ_CHECK(bits >= 1 && bits <= 62, where + "bits must be in [1, 62], got " + std::to_string(bits));
+  VQTOK_FSQ_CHECK(dtype >= 0 && dtype <= 2,
+                  where + "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  VQTOK_FSQ_CHECK(idx_int64 || bits <= 31, where + "bits >= 32 need int64 indices");
+  VQTOK_FSQ_CHECK(m == 0 || (z != 0 && out_codes != 0 && out_idx != 0), where + "z, out_codes and out_idx must be non-null");
+  vqtok::LfqArgs a;
+  a.z = reinterpret_cast<const void*>(z);
+  a.dtype = static_cast<vqtok::InputType>(dtype);
+  a.m = m;
+  a.bits = bits;
+  a.codes = reinterpret_cast<float*>(out_codes);
+  a.indices = reinterpret_cast<void*>(out_idx);
+  a.indices_int64 = idx_int64;
+  py::gil_scoped_release nogil;
+  vqtok::lfq_forward(a);
+}
+
+void bind_fsq_lfq(py::module_& m) {
+  m.def("fsq_forward", &fsq_forward_py, py::arg("z"), py::arg("m"), py::arg("levels"), py::arg("dtype"),
+        py::arg("out_codes"), py::arg("out_idx"), py::arg("idx_int64"),
+        "FSQ forward on raw pointers (data_ptr()): z m*len(levels) contiguous elements (dtype 0 f32, 1 f16, "
+        "2 bf16); writes out_codes (m*d float32) and out_idx (m int32, or int64 when idx_int64).");
+  m.def("fsq_backward", &fsq_backward_py, py::arg("grad_codes"), py::arg("z"), py::arg("m"), py::arg("levels"),
+        py::arg("dtype"), py::arg("out_grad_z"),
+        "FSQ straight-through backward: grad_codes m*d float32, z as in fsq_forward; writes out_grad_z (m*d float32).");
+  m.def("fsq_indices_to_codes", &fsq_indices_to_codes_py, py::arg("indices"), py::arg("m"), py::arg("idx_int64"),
+        py::arg("levels"), py::arg("out_codes"),
+        "FSQ indices (m int32/int64) to codes (m*len(levels) float32).");
+  m.def("lfq_forward", &lfq_forward_py, py::arg("z"), py::arg("m"), py::arg("bits"), py::arg("dtype"),
+        py::arg("out_codes"), py::arg("out_idx"), py::arg("idx_int64"),
+        "LFQ forward: z m*bits elements; writes out_codes (m*bits float32 +-1) and out_idx (bit b = z_b > 0).");
+  m.def(
+      "tanh_f32",
+      [](uintptr_t x, int64_t n, uintptr_t out) {
+        VQTOK_FSQ_CHECK(n >= 0, "vqtok._C.tanh_f32: n must be >= 0, got " + std::to_string(n));
+        VQTOK_FSQ_CHECK(n == 0 || (x != 0 && out != 0), "vqtok._C.tanh_f32: x and out must be non-null");
+        py::gil_scoped_release nogil;
+        vqtok::tanh_f32(reinterpret_cast<const float*>(x), n, reinterpret_cast<float*>(out));
+      },
+      py::arg("x"), py::arg("n"), py::arg("out"), "fp32 tanh, bit-identical to torch.tanh on CPU (n floats).");
+  m.def(
+      "fma_peak_gflops",
+      [](double seconds) {
+        VQTOK_FSQ_CHECK(seconds > 0 && seconds <= 60, "vqtok._C.fma_peak_gflops: seconds must be in (0, 60]");
+        py::gil_scoped_release nogil;
+        return vqtok::fma_peak_gflops(seconds);
+      },
+      py::arg("seconds") = 0.2,
+      "Measured fp32 FMA peak in GFLOP/s: independent FMA chains of the active SIMD level on all threads.");
+  m.def(
+      "fsq_constants",
+      [](const std::vector<int64_t>& levels) {
+        const FsqHost h = fsq_host(levels, "vqtok._C.fsq_constants: ");
+        return py::make_tuple(h.half_l, h.offset, h.shift, h.half_width, h.grad_scale, h.basis);
+      },
+      py::arg("levels"), "Per-column FSQ constants as the kernels use them (half_l, offset, shift, half_width, grad_scale, basis).");
+}
+
+#undef VQTOK_FSQ_CHECK
+}  // namespace
+// ---- end FSQ / LFQ -------------------------------------------------------------------------
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vqtok native kernels (C++ CPU; CUDA when built with nvcc)";
@@ -21,6 +235,8 @@ PYBIND11_MODULE(_C, m) {
         "Highest SIMD level this CPU supports (avx512 | avx2 | scalar).");
   m.def("active_isa", [] { return std::string(vqtok::isa_name(vqtok::active_isa())); },
         "SIMD level the kernels use now (VQTOK_ISA may lower it).");
+  bind_nearest(m);
+  bind_fsq_lfq(m);
   m.def("build_info", [] {
     py::dict d;
 #ifdef VQTOK_WITH_CUDA

@@ -32,3 +32,35 @@ def build_info() -> dict:
     if _C is None:
         return {"built": False, "reason": _IMPORT_ERROR}
     return {"built": True, **dict(_C.build_info())}
+
+
+# --------------------------------------------------------------------------------------------
+# nearest-code search (cpp): kernels/cpu/nearest_*.cpp
+# --------------------------------------------------------------------------------------------
+if _C is not None and hasattr(_C, "nearest_code_l2"):
+    import torch
+
+    from .dispatch import register
+
+    _NEAREST_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+    @register("nearest_code_l2", "cpp")
+    def _nearest_code_l2_cpp(x, codebook, precision="exact"):
+        """x [N, D], codebook [K, D] (same dtype: f32/f16/bf16, CPU) -> (int64 [N], float32 [N])."""
+        if x.dtype != codebook.dtype or x.dtype not in _NEAREST_DTYPE_CODE:
+            raise TypeError(
+                f"cpp nearest_code_l2 needs x and codebook of one dtype in float32/float16/bfloat16, "
+                f"got {x.dtype} and {codebook.dtype}"
+            )
+        if x.device.type != "cpu" or codebook.device.type != "cpu":
+            raise ValueError(f"cpp nearest_code_l2 runs on CPU tensors, got {x.device} and {codebook.device}")
+        x, codebook = x.contiguous(), codebook.contiguous()
+        n, d = x.shape
+        k = codebook.shape[0]
+        idx = torch.empty(n, dtype=torch.int64)
+        dist = torch.empty(n, dtype=torch.float32)
+        _C.nearest_code_l2(
+            x.data_ptr(), codebook.data_ptr(), n, k, d, _NEAREST_DTYPE_CODE[x.dtype],
+            precision == "fast", idx.data_ptr(), dist.data_ptr(),
+        )
+        return idx, dist

@@ -1,0 +1,268 @@
+// Driver of the exact nearest-code search: codebook norms, panel packing, OpenMP over query
+// blocks, lane-state reduction, the fp32 error-bound certificate and the direct-form re-decision.
+//
+// Certificate. The kernels compute s_k = fl(|c_k|^2 + sum_j (-2 x_j) c_kj) in fp32 (any order,
+// FMA or not). With u = 2^-24 and g = (2d+2)u / (1 - (2d+2)u),
+//   |s_k - t_k| <= E = g * (max_k |c_k|^2 + 2 * min(|x|_1 max_kj |c_kj|, |x|_2 max_k |c_k|_2))
+// (plus a few subnormal quanta), where t_k is the exact |c_k|^2 - 2 x.c_k. If the best and
+// second-best computed scores differ by more than 2E the best is the unique exact winner; other
+// rows are re-decided by a direct-form scan sum((x - c)^2) in double (ties -> lowest index).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "nearest_kernels.h"
+#include "vqtok/cpu_features.h"
+#include "vqtok/nearest.h"
+
+namespace vqtok {
+namespace nearest_detail {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // man * 2^-24, exact
+    return sign ? -f : f;
+  }
+  if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+  else bits = sign | ((exp + 112u) << 23) | (man << 13);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Converts n consecutive elements starting at element `off` of a dtype array to float.
+void to_float(const void* p, DType t, int64_t off, int64_t n, float* out) {
+  if (t == DType::F32) {
+    std::memcpy(out, static_cast<const float*>(p) + off, static_cast<size_t>(n) * 4);
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + off;
+    if (t == DType::F16)
+      for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
+    else
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(h[i]);
+  }
+}
+
+const BlockKernel& pick_kernel() {
+  switch (active_isa()) {
+    case Isa::Avx512: return avx512_kernel();
+    case Isa::Avx2: return avx2_kernel();
+    default: return scalar_kernel();
+  }
+}
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct CodebookStats {
+  double norm2_max = 0, abs_max = 0, norm_max = 0;
+};
+
+// |c_k|^2 (double, rounded to fp32) and the maxima the certificate needs.
+CodebookStats codebook_norms(const void* cb, DType t, int64_t k, int64_t d, float* norms) {
+  double n2max = 0, amax = 0;
+#pragma omp parallel reduction(max : n2max, amax)
+  {
+    std::vector<float> row(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < k; ++i) {
+      to_float(cb, t, i * d, d, row.data());
+      double s = 0, m = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        s += static_cast<double>(row[j]) * row[j];
+        m = std::max(m, static_cast<double>(std::fabs(row[j])));
+      }
+      norms[i] = static_cast<float>(s);
+      n2max = std::max(n2max, s);
+      amax = std::max(amax, m);
+    }
+  }
+  return {n2max, amax, std::sqrt(n2max)};
+}
+
+// Lowest index minimising sum((x - c)^2) in double. x64: d doubles.
+template <DType T>
+int64_t scan_direct(const double* x64, const void* cb, int64_t k, int64_t d, double* dist) {
+  int64_t best = 0;
+  double bd = std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < k; ++i) {
+    double s = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      double c;
+      if constexpr (T == DType::F32) c = static_cast<const float*>(cb)[i * d + j];
+      else if constexpr (T == DType::F16) c = half_to_float(static_cast<const uint16_t*>(cb)[i * d + j]);
+      else c = bf16_to_float(static_cast<const uint16_t*>(cb)[i * d + j]);
+      const double e = x64[j] - c;
+      s += e * e;
+    }
+    if (s < bd) bd = s, best = i;
+  }
+  *dist = bd;
+  return best;
+}
+
+double direct_dist(const double* x64, const void* cb, DType t, int64_t i, int64_t d, float* tmp) {
+  to_float(cb, t, i * d, d, tmp);
+  double s = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double e = x64[j] - static_cast<double>(tmp[j]);
+    s += e * e;
+  }
+  return s;
+}
+
+// Folds a block's lane state (rows x W) into the per-row running best / second / index.
+void reduce_lanes(int64_t rows, int w, const float* lb, const float* ls, const int32_t* li,
+                  float* gb, float* gs, int32_t* gi) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* b = lb + r * w;
+    const float* s = ls + r * w;
+    const int32_t* id = li + r * w;
+    int bl = 0;
+    for (int l = 1; l < w; ++l)
+      if (b[l] < b[bl] || (b[l] == b[bl] && id[l] + l < id[bl] + bl)) bl = l;
+    float best = b[bl], sec = kInf;
+    for (int l = 0; l < w; ++l) {
+      sec = std::min(sec, s[l]);
+      if (l != bl) sec = std::min(sec, b[l]);
+    }
+    const int32_t code = id[bl] + bl;
+    if (best < gb[r]) {  // panels arrive in ascending code order: ties keep the earlier one
+      gs[r] = std::min(sec, gb[r]);
+      gb[r] = best;
+      gi[r] = code;
+    } else {
+      gs[r] = std::min(gs[r], best);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace nearest_detail
+
+NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
+                             DType dtype, bool /*fast*/, int64_t* out_idx, float* out_dist) {
+  using namespace nearest_detail;
+  const BlockKernel& kern = pick_kernel();
+  NearestStats stats;
+  stats.isa = kern.name;
+  if (n <= 0) return stats;
+  const int w = kern.width, mr = kern.mr;
+  const int64_t gcodes = static_cast<int64_t>(w) * kern.nrv;
+
+  std::vector<float> cnorm(static_cast<size_t>(k));
+  const CodebookStats cs = codebook_norms(codebook, dtype, k, d, cnorm.data());
+
+  // Panel: ~1 MiB of packed codes (fits each core's L2), shared by all threads.
+  int64_t kp = std::max<int64_t>(gcodes, (int64_t{1} << 20) / (4 * d) / gcodes * gcodes);
+  kp = std::min(kp, round_up(k, gcodes));
+  const int64_t pgroups = kp / w;
+  std::vector<float> panel(static_cast<size_t>(pgroups * d * w)), pnorm(static_cast<size_t>(kp));
+
+  // Row blocks: small d sweeps a whole panel per micro-tile; large d keeps ~192 KiB of rows.
+  int64_t mb = d <= 48 ? int64_t{mr} * 16 : std::clamp<int64_t>(49152 / d / mr * mr, mr, 512);
+  mb = std::min(mb, round_up(n, mr));
+  const int64_t nblocks = (n + mb - 1) / mb;
+
+  std::vector<float> gbest(static_cast<size_t>(n), kInf), gsec(static_cast<size_t>(n), kInf);
+  std::vector<int32_t> gidx(static_cast<size_t>(n), 0);
+  int64_t exact_rows = 0;
+
+#pragma omp parallel reduction(+ : exact_rows)
+  {
+    std::vector<float> xbuf(static_cast<size_t>(mb * d));
+    std::vector<float> lb(static_cast<size_t>(mb * w)), ls(lb.size());
+    std::vector<int32_t> li(lb.size());
+    std::vector<float> crow(static_cast<size_t>(d));
+
+    for (int64_t c0 = 0; c0 < k; c0 += kp) {
+      const int64_t ng = (std::min(kp, k - c0) + w - 1) / w;
+#pragma omp for schedule(static)
+      for (int64_t g = 0; g < ng; ++g) {
+        float* dst = panel.data() + g * d * w;
+        for (int l = 0; l < w; ++l) {
+          const int64_t code = c0 + g * w + l;
+          if (code < k) {
+            to_float(codebook, dtype, code * d, d, crow.data());
+            for (int64_t j = 0; j < d; ++j) dst[j * w + l] = -2.0f * crow[j];
+            pnorm[g * w + l] = cnorm[code];
+          } else {
+            for (int64_t j = 0; j < d; ++j) dst[j * w + l] = 0.0f;
+            pnorm[g * w + l] = kInf;
+          }
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t r0 = blk * mb, rows = std::min(mb, n - r0), rpad = round_up(rows, mr);
+        const float* xq;
+        if (dtype == DType::F32 && rows == rpad) {
+          xq = static_cast<const float*>(x) + r0 * d;
+        } else {
+          to_float(x, dtype, r0 * d, rows * d, xbuf.data());
+          std::fill(xbuf.begin() + rows * d, xbuf.begin() + rpad * d, 0.0f);
+          xq = xbuf.data();
+        }
+        std::fill(lb.begin(), lb.begin() + rpad * w, kInf);
+        std::fill(ls.begin(), ls.begin() + rpad * w, kInf);
+        std::fill(li.begin(), li.begin() + rpad * w, 0);
+        BlockArgs a{xq, rpad, d, panel.data(), pnorm.data(), ng, static_cast<int32_t>(c0),
+                    lb.data(), ls.data(), li.data()};
+        kern.run(a);
+        reduce_lanes(rows, w, lb.data(), ls.data(), li.data(), gbest.data() + r0,
+                     gsec.data() + r0, gidx.data() + r0);
+      }
+    }
+
+    // Certificate per row; near ties (and inputs too large for the bound) are re-decided.
+    const double u = std::ldexp(1.0, -24), m = 2.0 * d + 2.0;
+    const double gamma = m * u < 0.5 ? m * u / (1 - m * u) : std::numeric_limits<double>::infinity();
+    const bool huge = cs.abs_max > 1e18;
+    std::vector<double> x64(static_cast<size_t>(d));
+    std::vector<float> xr(static_cast<size_t>(d));
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t r = 0; r < n; ++r) {
+      to_float(x, dtype, r * d, d, xr.data());
+      double l1 = 0, l2 = 0;
+      for (int64_t j = 0; j < d; ++j) {
+        x64[j] = xr[j];
+        l1 += std::fabs(x64[j]);
+        l2 += x64[j] * x64[j];
+      }
+      const double dots = std::min(l1 * cs.abs_max, std::sqrt(l2) * cs.norm_max);
+      const double bound = gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
+      const double gap = static_cast<double>(gsec[r]) - static_cast<double>(gbest[r]);
+      double dist;
+      if (!huge && l2 < 1e36 && gap > 2.0 * bound) {
+        out_idx[r] = gidx[r];
+        dist = direct_dist(x64.data(), codebook, dtype, gidx[r], d, crow.data());
+      } else {
+        ++exact_rows;
+        if (dtype == DType::F32) out_idx[r] = scan_direct<DType::F32>(x64.data(), codebook, k, d, &dist);
+        else if (dtype == DType::F16) out_idx[r] = scan_direct<DType::F16>(x64.data(), codebook, k, d, &dist);
+        else out_idx[r] = scan_direct<DType::BF16>(x64.data(), codebook, k, d, &dist);
+      }
+      out_dist[r] = static_cast<float>(dist);
+    }
+  }
+  stats.exact_rows = exact_rows;
+  return stats;
+}
+
+}  // namespace vqtok

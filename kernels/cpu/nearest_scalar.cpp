@@ -1,0 +1,79 @@
+// Portable block kernel of the nearest-code search: plain C++ over 8-wide "lanes" (the compiler
+// may vectorise it with the baseline ISA). Same packing and lane-state rules as the SIMD kernels.
+#include <algorithm>
+
+#include "nearest_tile.h"
+
+namespace vqtok::nearest_detail {
+namespace {
+
+struct Lanes {
+  float v[8];
+};
+struct LanesI {
+  int32_t v[8];
+};
+
+struct OpsScalar {
+  using V = Lanes;
+  using I = LanesI;
+  static constexpr int W = 8;
+  static V load(const float* p) {
+    V r;
+    for (int l = 0; l < W; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static void store(float* p, const V& a) {
+    for (int l = 0; l < W; ++l) p[l] = a.v[l];
+  }
+  static I loadi(const int32_t* p) {
+    I r;
+    for (int l = 0; l < W; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static void storei(int32_t* p, const I& a) {
+    for (int l = 0; l < W; ++l) p[l] = a.v[l];
+  }
+  static V set1(float x) {
+    V r;
+    for (int l = 0; l < W; ++l) r.v[l] = x;
+    return r;
+  }
+  static I set1i(int32_t x) {
+    I r;
+    for (int l = 0; l < W; ++l) r.v[l] = x;
+    return r;
+  }
+  // one or two roundings (the compiler may contract); the driver's error bound allows two
+  static V fmadd(const V& a, const V& b, const V& c) {
+    V r;
+    for (int l = 0; l < W; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
+    return r;
+  }
+  static V min(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < W; ++l) r.v[l] = b.v[l] < a.v[l] ? b.v[l] : a.v[l];
+    return r;
+  }
+  static V max(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < W; ++l) r.v[l] = b.v[l] > a.v[l] ? b.v[l] : a.v[l];
+    return r;
+  }
+  static I select_lt(const V& s, const V& b, const I& yes, const I& no) {
+    I r;
+    for (int l = 0; l < W; ++l) r.v[l] = s.v[l] < b.v[l] ? yes.v[l] : no.v[l];
+    return r;
+  }
+};
+
+constexpr int kMr = 4, kNrv = 1;
+
+}  // namespace
+
+const BlockKernel& scalar_kernel() {
+  static const BlockKernel k{OpsScalar::W, kMr, kNrv, "scalar", &run_block<OpsScalar, kMr, kNrv>};
+  return k;
+}
+
+}  // namespace vqtok::nearest_detail
