@@ -238,3 +238,48 @@ def test_magvit_mode_matches_log_p_plus_eps():
     (ps - cb).backward()
     (rps - rcb).backward()
     torch.testing.assert_close(zr.grad, zd.grad, rtol=1e-9, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP: global-batch values, world_size x local gradients
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, z, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = [slice(0, 70), slice(70, z.shape[0])]  # uneven local batches
+        results = {}
+        for mode in ("exact", "vqtorch"):
+            zl = z[rows[rank]].clone().requires_grad_()
+            ps, cb = lfq_entropy(zl, temperature=0.4, eps_mode=mode, chunk=16)
+            (0.5 * ps - cb).backward()
+            results[mode] = (ps.detach(), cb.detach(), zl.grad)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_ddp_global_entropy_and_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    z = torch.randn(170, 10, dtype=torch.float64)
+    mp.spawn(_ddp_worker, args=(world, _free_port(), z, str(tmp_path)), nprocs=world, join=True)
+    rows = [slice(0, 70), slice(70, 170)]
+    for mode in ("exact", "vqtorch"):
+        zr = z.clone().requires_grad_()
+        ps, cb = lfq_entropy(zr, temperature=0.4, eps_mode=mode)
+        (0.5 * ps - cb).backward()
+        for rank in range(world):
+            rps, rcb, grad = torch.load(tmp_path / f"rank{rank}.pt")[mode]
+            assert _rel(rps, ps) < 1e-12 and _rel(rcb, cb) < 1e-12
+            torch.testing.assert_close(grad, world * zr.grad[rows[rank]], rtol=1e-9, atol=1e-15)
