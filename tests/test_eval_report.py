@@ -159,3 +159,95 @@ def test_evaluate_audio_skips_image_metrics():
     m = evaluate(model, ListDataset(list(wave)), batch_size=4, progress=False)
     assert m["samples"] == 6 and m["psnr"] is not None and m["ssim"] is None
     assert set(m["unavailable"]) >= {"ssim", "lpips", "rfid"}
+
+
+# --------------------------------------------------------------------------------------------
+# the HTML report
+# --------------------------------------------------------------------------------------------
+import json  # noqa: E402
+from html.parser import HTMLParser  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from vqtok.report import load_arrays, rebuild_report_from, save_arrays, usage_grid, write_report  # noqa: E402
+
+
+class _PageScan(HTMLParser):
+    """Collects <img src> and every data-key/data-value pair of a report page."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.values = [], {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a["src"])
+        if "data-key" in a:
+            self.values[a["data-key"]] = json.loads(a["data-value"])
+
+
+def scan_page(page: Path) -> _PageScan:
+    scan = _PageScan()
+    scan.feed(page.read_text())
+    for src in scan.images:
+        assert not src.startswith(("http:", "https:", "/")), src  # self-contained, relative figures
+        assert (page.parent / src).is_file() and (page.parent / src).stat().st_size > 1000, src
+    return scan
+
+
+def flat_scalars(metrics: dict) -> dict:
+    out = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list)) and v is not None}
+    for i, layer in enumerate(metrics.get("layers") or []):
+        out.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    return out
+
+
+def assert_page_matches(page: Path, metrics: dict) -> _PageScan:
+    scan = scan_page(page)
+    expect = flat_scalars(metrics)
+    assert scan.values == expect  # every number on the page, and exactly metrics.json's
+    return scan
+
+
+def test_usage_grid_is_near_square_and_padded():
+    g = usage_grid(np.arange(10))
+    assert g.shape == (3, 4) and np.isnan(g[-1, -2:]).all() and g[0, 1] == 1
+
+
+def test_report_page_figures_and_numbers(tmp_path):
+    torch.manual_seed(0)
+    res = run_evaluation(TinyAE(TinyFSQ(depth=2)).eval(), ListDataset(list(photo_crops(6))), lpips=False,
+                         fid=False, keep_examples=4, progress=False)
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    rows = [{"step": s, "split": "train", "loss": 1.0 / (s + 1), "usage": 0.1} for s in range(0, 50, 10)]
+    rows.append({"step": 40, "split": "eval", "psnr": 20.0, "usage": 0.3})
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    (run / "eval" / "metrics.json").write_text(json.dumps(res.metrics))
+    save_arrays(run / "eval" / "arrays.npz", res.counts, res.originals.numpy(), res.reconstructions.numpy())
+    arrays = load_arrays(run / "eval" / "arrays.npz")
+    assert len(arrays["counts"]) == 2 and arrays["originals"].shape == (4, 3, 32, 32)
+    page = rebuild_report_from(run)
+    assert page == run / "eval" / "report" / "index.html"
+    scan = assert_page_matches(page, json.loads((run / "eval" / "metrics.json").read_text()))
+    assert set(scan.images) == {"examples.png", "usage_histogram.png", "usage_map.png", "layers.png",
+                                "training_curves.png"}
+    assert "pt_inception" not in page.read_text()  # fid was skipped, not unavailable
+
+
+def test_report_video_audio_and_unavailable(tmp_path):
+    metrics = {"samples": 2, "psnr": 21.5, "usage": 0.25, "collapse": True,
+               "unavailable": {"rfid": {"reason": "rFID needs the weights", "path": "/x/pt_inception.pth"}}}
+    video = np.random.default_rng(0).uniform(-1, 1, (2, 3, 5, 16, 16)).astype(np.float32)
+    page = write_report(tmp_path / "v", metrics, counts=[np.array([3, 0, 1, 0])], originals=video,
+                        reconstructions=video * 0.5, modality="video")
+    text = page.read_text()
+    assert "collapse" in text.lower() and "/x/pt_inception.pth" in text
+    assert_page_matches(page, metrics)
+    audio = np.sin(np.linspace(0, 300, 4000, dtype=np.float32))[None, None].repeat(2, 0)
+    page = write_report(tmp_path / "a", {"samples": 2}, counts=[np.array([1, 1])], originals=audio,
+                        reconstructions=audio * 0.9, modality="audio")
+    assert "examples.png" in scan_page(page).images
+    with pytest.raises(FileNotFoundError, match="neither"):
+        rebuild_report_from(tmp_path / "v")

@@ -279,3 +279,63 @@ def evaluate(model: torch.nn.Module, dataset_or_loader, *, max_samples: int | No
     """Codebook health + reconstruction metrics of ``model`` on a held-out set (see module doc)."""
     return run_evaluation(model, dataset_or_loader, max_samples=max_samples, batch_size=batch_size,
                           lpips=lpips, fid=fid, keep_examples=0, progress=progress).metrics
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints and run folders (what `vqtok eval` calls)
+# --------------------------------------------------------------------------------------------
+def find_run_dir(path) -> "Path | None":
+    """The run folder (holding config.json and metrics.jsonl) that ``path`` is or lies in, else None."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    for cand in [p, *p.parents][:4]:
+        if (cand / "config.json").is_file() and (cand / "metrics.jsonl").is_file():
+            return cand
+    return None
+
+
+def _data_config(cfg: dict, data: str | None) -> dict:
+    """The config's data section, pointed at ``data`` (a folder evaluated whole) when given."""
+    data_cfg = dict(cfg.get("data") or {})
+    data_cfg.setdefault("modality", cfg.get("model", {}).get("modality", "image"))
+    if data:
+        data_cfg.update(source="folder", path=str(data), eval_path=str(data))
+    return data_cfg
+
+
+def evaluate_checkpoint(checkpoint, *, data: str | None = None, out=None, max_samples: int | None = None,
+                        batch_size: int = 16, lpips=True, fid=True, keep_examples: int = 8,
+                        device: str = "cpu", progress: bool = True):
+    """Evaluate a run folder or checkpoint on its held-out split (or the folder ``data``).
+
+    Writes OUT/metrics.json, OUT/arrays.npz and OUT/report/index.html (OUT defaults to RUN/eval
+    for a run, else CHECKPOINT/eval) and returns (metrics, page path).
+    """
+    import json
+    from pathlib import Path
+
+    from .checkpoint import load_model
+    from .data import build_dataset
+    from .report import read_history, save_arrays, write_report
+
+    model, cfg = load_model(str(checkpoint), use_ema=True, map_location=device)
+    run_dir = find_run_dir(checkpoint)
+    out = Path(out) if out else (run_dir or Path(checkpoint)) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = build_dataset(_data_config(cfg, data), "eval")
+    if len(dataset) == 0:
+        raise ValueError(f"the evaluation set is empty (data={data or cfg.get('data')})")
+    res = run_evaluation(model, dataset, max_samples=max_samples, batch_size=batch_size, lpips=lpips, fid=fid,
+                         keep_examples=keep_examples, progress=progress)
+    metrics = dict(res.metrics, source=str(checkpoint), data=str(data or "config eval split"))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    modality = getattr(model, "modality", "image")
+    save_arrays(out / "arrays.npz", res.counts, None if res.originals is None else res.originals.numpy(),
+                None if res.reconstructions is None else res.reconstructions.numpy(), modality)
+    history = read_history(run_dir / "metrics.jsonl") if run_dir else []
+    page = write_report(out, metrics, counts=[c.numpy() for c in res.counts],
+                        originals=None if res.originals is None else res.originals.numpy(),
+                        reconstructions=None if res.reconstructions is None else res.reconstructions.numpy(),
+                        modality=modality, history=history, source=str(checkpoint))
+    return metrics, page
