@@ -1,0 +1,416 @@
+// Private to kernels/cpu/fsq_lfq*.cpp: the FSQ/LFQ kernels written once over a small set of
+// vector operations, instantiated for scalar, AVX2 and AVX-512 code in separate translation units.
+//
+// tanh. The reference runs torch.tanh on fp32, which on CPU is MKL's vsTanh: within an ulp, but
+// not correctly rounded (about 0.8% of fp32 inputs differ by one ulp from tanh evaluated in double
+// and rounded) and closed-source, so its exact bits cannot be reproduced portably. The kernels use
+// the one definition every backend can share: tanh evaluated in double (error a few 2^-53) and
+// rounded once to fp32, i.e. torch.tanh(x.double()).float() up to events of probability ~2^-28
+// per value. FSQ codes and indices therefore equal the reference's (a one-ulp tanh difference
+// moves a code only when the bound lies within ~1e-7 of a rounding boundary); gradients equal
+// the reference formula with the correctly rounded tanh, within one tanh ulp of torch's fp32 one.
+// All other arithmetic repeats the reference's fp32 operations in the same order. Multiply-adds
+// that must be fused are explicit fma calls, and nothing else may be fused: each including file
+// starts with `#pragma GCC optimize("fp-contract=off")`.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "vqtok/fsq_lfq.h"
+
+namespace vqtok {
+namespace fsq_lfq_detail {
+
+// Per-ISA entry points (defined in fsq_lfq_avx2.cpp / fsq_lfq_avx512.cpp); same contract as the
+// public functions in vqtok/fsq_lfq.h, rows [r0, r1) only, single-threaded.
+void fsq_forward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
+void fsq_backward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
+void lfq_forward_rows_avx512(const LfqArgs& a, int64_t r0, int64_t r1);
+double fma_peak_avx512(double seconds);
+void fsq_forward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
+void fsq_backward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
+void lfq_forward_rows_avx2(const LfqArgs& a, int64_t r0, int64_t r1);
+double fma_peak_avx2(double seconds);
+void fsq_forward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
+void fsq_backward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
+void lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1);
+void tanh_range_avx512(const float* x, int64_t i0, int64_t i1, float* out);
+void tanh_range_avx2(const float* x, int64_t i0, int64_t i1, float* out);
+void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out);
+
+namespace {  // internal linkage: every TU gets its own copy compiled with its own ISA flags
+
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// IEEE binary16 -> binary32, exact (subnormals, inf and NaN included).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {
+    if (man == 0) return bits_to_float(sign);
+    int e = -1;
+    do {  // normalise the subnormal
+      man <<= 1;
+      ++e;
+    } while ((man & 0x400u) == 0);
+    return bits_to_float(sign | uint32_t(127 - 15 - e) << 23 | ((man & 0x3ffu) << 13));
+  }
+  return bits_to_float(sign | (exp + 127 - 15) << 23 | (man << 13));
+}
+
+inline float load_scalar(const void* p, int64_t i, InputType dt) {
+  switch (dt) {
+    case InputType::F16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case InputType::BF16: return bits_to_float(uint32_t(static_cast<const uint16_t*>(p)[i]) << 16);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vector operations: W fp32 lanes (F) and the same lanes as two halves of doubles (D).
+// fmadd(a,b,c) = a*b+c and dfnmadd(a,b,c) = c-a*b are fused; everything else rounds once.
+// ---------------------------------------------------------------------------------------------
+struct ScalarOps {
+  using F = float;
+  using D = double;
+  static constexpr int W = 1;
+  static F set1(float v) { return v; }
+  static F load(const void* p, int64_t i, InputType dt) { return load_scalar(p, i, dt); }
+  static F loadf(const float* p) { return *p; }
+  static void store(float* p, F v) { *p = v; }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F div(F a, F b) { return a / b; }
+  static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }
+  static F abs(F a) { return std::fabs(a); }
+  static F rint(F a) { return std::nearbyint(a); }  // half to even in the default rounding mode
+  static F mulsign(F x, F y) { return bits_to_float(float_to_bits(x) ^ (float_to_bits(y) & 0x80000000u)); }
+  static D dset1(double v) { return v; }
+  static D dadd(D a, D b) { return a + b; }
+  static D dsub(D a, D b) { return a - b; }
+  static D dmul(D a, D b) { return a * b; }
+  static D ddiv(D a, D b) { return a / b; }
+  static D dmin(D a, D b) { return a < b ? a : b; }
+  static D drint(D a) { return std::nearbyint(a); }
+  static D dfmadd(D a, D b, D c) { return std::fma(a, b, c); }
+  static D dfnmadd(D a, D b, D c) { return std::fma(-a, b, c); }
+  static D dpow2(D k) { return std::ldexp(1.0, int(k)); }  // k integer-valued, |k| < 1023
+  static void split(F x, D& lo, D& hi) { lo = x, hi = 0.0; }
+  static F join(D lo, D) { return static_cast<float>(lo); }
+  // bit i = (x_i > 0); stores the +-1 codes
+  static uint32_t sign_codes(F x, float* out) {
+    *out = x > 0.0f ? 1.0f : -1.0f;
+    return x > 0.0f;
+  }
+  // index of each of W rows from a W x d block of float digits (int32 wrap-around arithmetic)
+  static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+    uint32_t acc = 0;
+    for (int j = 0; j < d; ++j) acc += uint32_t(int32_t(dig[j])) * uint32_t(basis[j]);
+    *out = int32_t(acc);
+  }
+};
+
+#ifdef __AVX2__
+struct Avx2Ops {
+  using F = __m256;
+  using D = __m256d;
+  static constexpr int W = 8;
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const void* p, int64_t i, InputType dt) {
+    const auto* h = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i);
+    switch (dt) {
+      case InputType::F16: return _mm256_cvtph_ps(_mm_loadu_si128(h));
+      case InputType::BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h)), 16));
+      default: return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    }
+  }
+  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static F rint(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F mulsign(F x, F y) { return _mm256_xor_ps(x, _mm256_and_ps(y, _mm256_set1_ps(-0.0f))); }
+  static D dset1(double v) { return _mm256_set1_pd(v); }
+  static D dadd(D a, D b) { return _mm256_add_pd(a, b); }
+  static D dsub(D a, D b) { return _mm256_sub_pd(a, b); }
+  static D dmul(D a, D b) { return _mm256_mul_pd(a, b); }
+  static D ddiv(D a, D b) { return _mm256_div_pd(a, b); }
+  static D dmin(D a, D b) { return _mm256_min_pd(a, b); }
+  static D drint(D a) { return _mm256_round_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static D dfmadd(D a, D b, D c) { return _mm256_fmadd_pd(a, b, c); }
+  static D dfnmadd(D a, D b, D c) { return _mm256_fnmadd_pd(a, b, c); }
+  static D dpow2(D k) {  // 1.5 * 2^52 + k holds k in its low bits; (k + 1023) << 52 is 2^k
+    const __m256i b = _mm256_castpd_si256(_mm256_add_pd(k, _mm256_set1_pd(6755399441055744.0)));
+    return _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(b, _mm256_set1_epi64x(1023)), 52));
+  }
+  static void split(F x, D& lo, D& hi) {
+    lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+    hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+  }
+  static F join(D lo, D hi) { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
+  static uint32_t sign_codes(F x, float* out) {
+    const __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ);
+    _mm256_storeu_ps(out, _mm256_blendv_ps(_mm256_set1_ps(-1.0f), _mm256_set1_ps(1.0f), pos));
+    return uint32_t(_mm256_movemask_ps(pos));
+  }
+  static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+    const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(d));
+    __m256i acc = _mm256_setzero_si256();
+    for (int j = 0; j < d; ++j) {
+      const __m256i v = _mm256_cvttps_epi32(_mm256_i32gather_ps(dig + j, rows, 4));
+      acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(v, _mm256_set1_epi32(basis[j])));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), acc);
+  }
+};
+#endif
+
+#ifdef __AVX512F__
+struct Avx512Ops {
+  using F = __m512;
+  using D = __m512d;
+  static constexpr int W = 16;
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const void* p, int64_t i, InputType dt) {
+    const auto* h = reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i);
+    switch (dt) {
+      case InputType::F16: return _mm512_cvtph_ps(_mm256_loadu_si256(h));
+      case InputType::BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(h)), 16));
+      default: return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+    }
+  }
+  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F abs(F a) { return _mm512_abs_ps(a); }
+  static F rint(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F mulsign(F x, F y) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(x), _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)))));
+  }
+  static D dset1(double v) { return _mm512_set1_pd(v); }
+  static D dadd(D a, D b) { return _mm512_add_pd(a, b); }
+  static D dsub(D a, D b) { return _mm512_sub_pd(a, b); }
+  static D dmul(D a, D b) { return _mm512_mul_pd(a, b); }
+  static D ddiv(D a, D b) { return _mm512_div_pd(a, b); }
+  static D dmin(D a, D b) { return _mm512_min_pd(a, b); }
+  static D drint(D a) { return _mm512_roundscale_pd(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static D dfmadd(D a, D b, D c) { return _mm512_fmadd_pd(a, b, c); }
+  static D dfnmadd(D a, D b, D c) { return _mm512_fnmadd_pd(a, b, c); }
+  static D dpow2(D k) {
+    const __m512i b = _mm512_castpd_si512(_mm512_add_pd(k, _mm512_set1_pd(6755399441055744.0)));
+    return _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_add_epi64(b, _mm512_set1_epi64(1023)), 52));
+  }
+  static void split(F x, D& lo, D& hi) {
+    lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+    hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  }
+  static F join(D lo, D hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo))),
+                                               _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
+  }
+  static uint32_t sign_codes(F x, float* out) {
+    const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
+    _mm512_storeu_ps(out, _mm512_mask_blend_ps(pos, _mm512_set1_ps(-1.0f), _mm512_set1_ps(1.0f)));
+    return pos;
+  }
+  static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(d));
+    __m512i acc = _mm512_setzero_si512();
+    for (int j = 0; j < d; ++j) {
+      const __m512i v = _mm512_cvttps_epi32(_mm512_i32gather_ps(rows, dig + j, 4));
+      acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(v, _mm512_set1_epi32(basis[j])));
+    }
+    _mm512_storeu_si512(out, acc);
+  }
+};
+#endif
+// ---------------------------------------------------------------------------------------------
+// tanh: double evaluation, one rounding to fp32 (see the file comment). For finite x only.
+//   tanh|x| = m / (m + 2) with m = expm1(2|x|); 2|x| = k ln2 + r, |r| <= ln2/2, and
+//   expm1(2|x|) = 2^k expm1(r) + (2^k - 1), expm1(r) = r + r^2 (1/2! + r/3! + ... + r^11/13!)
+//   (truncation error < 2^-56). Past |x| = 10 the result rounds to 1 in fp32; clamping 2|x| at
+//   20 keeps 2^k in range.
+// ---------------------------------------------------------------------------------------------
+template <class O>
+inline typename O::D tanh_abs_d(typename O::D ax) {
+  using D = typename O::D;
+  const D t2 = O::dmin(O::dadd(ax, ax), O::dset1(20.0));
+  const D k = O::drint(O::dmul(t2, O::dset1(1.44269504088896338700e+00)));
+  D r = O::dfnmadd(k, O::dset1(6.93147180369123816490e-01), t2);  // ln2 hi: k * hi is exact
+  r = O::dfnmadd(k, O::dset1(1.90821492927058770002e-10), r);      // ln2 lo
+  static constexpr double kInvFact[12] = {
+      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+      1.0 / 5040.0,       1.0 / 720.0,       1.0 / 120.0,      1.0 / 24.0,      1.0 / 6.0,      1.0 / 2.0};
+  D p = O::dset1(kInvFact[0]);
+  for (int i = 1; i < 12; ++i) p = O::dfmadd(p, r, O::dset1(kInvFact[i]));
+  const D em = O::dfmadd(O::dmul(r, r), p, r);  // expm1(r)
+  const D s = O::dpow2(k);
+  const D m = O::dfmadd(s, em, O::dsub(s, O::dset1(1.0)));
+  return O::ddiv(m, O::dadd(m, O::dset1(2.0)));
+}
+
+template <class O>
+inline typename O::F tanh_f(typename O::F x) {
+  typename O::D lo, hi;
+  O::split(O::abs(x), lo, hi);
+  return O::mulsign(O::join(tanh_abs_d<O>(lo), tanh_abs_d<O>(hi)), x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels. A block is W rows = W*d contiguous values = d vectors; lane i of vector k holds
+// column (k*W + i) % d, so every constant becomes d precomputed lane patterns. Rows past the
+// last full block run the same code on ScalarOps.
+// ---------------------------------------------------------------------------------------------
+struct FsqPatterns {
+  // [5][d][W]: half_l, offset, shift, half_width, grad_scale; plus int32 basis [d]
+  std::vector<float> p;
+  std::vector<int32_t> basis32;
+  int d = 0, w = 0;
+  FsqPatterns(const FsqArgs& a, int w_) : d(a.d), w(w_) {
+    p.resize(size_t(5) * d * w);
+    const float* src[5] = {a.half_l, a.offset, a.shift, a.half_width, a.grad_scale};
+    for (int c = 0; c < 5; ++c)
+      for (int k = 0; k < d; ++k)
+        for (int i = 0; i < w; ++i) p[(size_t(c) * d + k) * w + i] = src[c] ? src[c][(k * w + i) % d] : 0.0f;
+    basis32.resize(d);
+    for (int j = 0; j < d; ++j) basis32[j] = int32_t(uint32_t(uint64_t(a.basis[j])));
+  }
+  const float* at(int c, int k) const { return p.data() + (size_t(c) * d + k) * w; }
+};
+
+template <class O>
+inline void fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t row, float* dig) {
+  using F = typename O::F;
+  constexpr int W = O::W;
+  const int d = a.d;
+  const int64_t base = row * d;
+  for (int k = 0; k < d; ++k) {
+    const F z = O::load(a.z, base + int64_t(k) * W, a.dtype);
+    const F t = tanh_f<O>(O::add(z, O::loadf(pt.at(2, k))));
+    const F hw = O::loadf(pt.at(3, k));
+    const F q = O::rint(O::sub(O::mul(t, O::loadf(pt.at(0, k))), O::loadf(pt.at(1, k))));
+    O::store(a.codes + base + int64_t(k) * W, O::div(q, hw));
+    O::store(dig + k * W, O::add(q, hw));
+  }
+  if (a.indices_int64) {
+    int64_t* out = static_cast<int64_t*>(a.indices) + row;
+    for (int r = 0; r < W; ++r) {
+      uint64_t acc = 0;
+      for (int j = 0; j < d; ++j) acc += uint64_t(int64_t(dig[r * d + j])) * uint64_t(a.basis[j]);
+      out[r] = int64_t(acc);
+    }
+  } else {
+    O::index_block_i32(dig, d, pt.basis32.data(), static_cast<int32_t*>(a.indices) + row);
+  }
+}
+
+template <class O>
+void fsq_forward_rows(const FsqArgs& a, int64_t r0, int64_t r1) {
+  constexpr int W = O::W;
+  const FsqPatterns pv(a, W), ps(a, 1);
+  std::vector<float> dig(size_t(W) * a.d);
+  int64_t r = r0;
+  for (; r + W <= r1; r += W) fsq_forward_block<O>(a, pv, r, dig.data());
+  for (; r < r1; ++r) fsq_forward_block<ScalarOps>(a, ps, r, dig.data());
+}
+
+template <class O>
+inline void fsq_backward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t row) {
+  using F = typename O::F;
+  constexpr int W = O::W;
+  const int64_t base = row * a.d;
+  for (int k = 0; k < a.d; ++k) {
+    const int64_t i = base + int64_t(k) * W;
+    const F t = tanh_f<O>(O::add(O::load(a.z, i, a.dtype), O::loadf(pt.at(2, k))));
+    const F g = O::mul(O::loadf(a.grad_codes + i), O::sub(O::set1(1.0f), O::mul(t, t)));
+    O::store(a.grad_z + i, O::mul(g, O::loadf(pt.at(4, k))));
+  }
+}
+
+template <class O>
+void fsq_backward_rows(const FsqArgs& a, int64_t r0, int64_t r1) {
+  constexpr int W = O::W;
+  const FsqPatterns pv(a, W), ps(a, 1);
+  int64_t r = r0;
+  for (; r + W <= r1; r += W) fsq_backward_block<O>(a, pv, r);
+  for (; r < r1; ++r) fsq_backward_block<ScalarOps>(a, ps, r);
+}
+
+inline void lfq_row_scalar(const LfqArgs& a, int64_t r) {
+  uint64_t idx = 0;
+  const int64_t base = r * a.bits;
+  for (int b = 0; b < a.bits; ++b) idx |= uint64_t(ScalarOps::sign_codes(load_scalar(a.z, base + b, a.dtype), a.codes + base + b)) << b;
+  if (a.indices_int64) static_cast<int64_t*>(a.indices)[r] = int64_t(idx);
+  else static_cast<int32_t*>(a.indices)[r] = int32_t(idx);
+}
+
+// 64 rows at a time: the sign bits of 64*bits values form one little-endian bit string, and row
+// r's index is the `bits`-bit field at bit offset r*bits (one unaligned 64-bit load for bits <= 56).
+template <class O>
+void lfq_forward_rows(const LfqArgs& a, int64_t r0, int64_t r1) {
+  constexpr int W = O::W;
+  constexpr int G = 64;
+  int64_t r = r0;
+  if (W > 1 && a.bits <= 56) {
+    const int n = G * a.bits;  // a multiple of W
+    std::vector<uint8_t> bitbuf(size_t(n) / 8 + 16, 0);
+    const uint64_t field = (uint64_t(1) << a.bits) - 1;
+    for (; r + G <= r1; r += G) {
+      const int64_t base = r * a.bits;
+      for (int v = 0; v < n / W; ++v) {
+        const uint32_t m = O::sign_codes(O::load(a.z, base + int64_t(v) * W, a.dtype), a.codes + base + int64_t(v) * W);
+        std::memcpy(bitbuf.data() + size_t(v) * W / 8, &m, W / 8);
+      }
+      for (int i = 0; i < G; ++i) {
+        const int64_t off = int64_t(i) * a.bits;
+        uint64_t word;
+        std::memcpy(&word, bitbuf.data() + off / 8, 8);
+        const uint64_t idx = (word >> (off % 8)) & field;
+        if (a.indices_int64) static_cast<int64_t*>(a.indices)[r + i] = int64_t(idx);
+        else static_cast<int32_t*>(a.indices)[r + i] = int32_t(idx);
+      }
+    }
+  }
+  for (; r < r1; ++r) lfq_row_scalar(a, r);
+}
+
+template <class O>
+void tanh_range(const float* x, int64_t i0, int64_t i1, float* out) {
+  int64_t i = i0;
+  for (; i + O::W <= i1; i += O::W) O::store(out + i, tanh_f<O>(O::loadf(x + i)));
+  for (; i < i1; ++i) out[i] = tanh_f<ScalarOps>(x[i]);
+}
+
+}  // namespace
+}  // namespace fsq_lfq_detail
+}  // namespace vqtok

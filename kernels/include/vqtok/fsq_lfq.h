@@ -1,0 +1,67 @@
+// FSQ and LFQ kernels on raw pointers (torch-free). Semantics: tokenizers/vqtok/ops/reference.py,
+// bit for bit (codes, indices and gradients), for float32, float16 and bfloat16 inputs.
+//
+// FSQ (Mentzer et al. 2023), per column j with L_j levels and host-side constants computed in
+// double and rounded to float exactly as reference.fsq_constants does:
+//   t = tanh(z + shift_j); bound = t * half_l_j - offset_j; q = rint(bound)  (half to even)
+//   code = q / half_width_j; digit = (int64)(q + half_width_j); index = sum_j digit_j * basis_j
+//   grad_z = grad_code * (1 - t * t) * grad_scale_j, grad_scale_j = half_l_j / half_width_j (float)
+// LFQ (Yu et al. 2023): code_b = z_b > 0 ? +1 : -1; bit b of the index is z_b > 0 (LSB first).
+//
+// All kernels run on OpenMP threads with the SIMD level of vqtok::active_isa() (VQTOK_ISA may
+// lower it); every level gives the same bits.
+#pragma once
+
+#include <cstdint>
+
+namespace vqtok {
+
+// Element type of z (codes 0, 1, 2 match vqtok::DType of nearest.h).
+enum class InputType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+struct FsqArgs {
+  const void* z = nullptr;          // m * d values of dtype `dtype`, row-major
+  InputType dtype = InputType::F32;
+  int64_t m = 0;                    // rows
+  int d = 0;                        // columns (number of levels)
+  const float* half_l = nullptr;    // d floats each: per-column constants (see above)
+  const float* offset = nullptr;
+  const float* shift = nullptr;
+  const float* half_width = nullptr;
+  const float* grad_scale = nullptr;
+  const int64_t* basis = nullptr;   // d int64: [1, L0, L0*L1, ...]
+  // forward outputs
+  float* codes = nullptr;           // m * d floats
+  void* indices = nullptr;          // m int32 (indices_int64 false) or int64
+  bool indices_int64 = false;
+  // backward
+  const float* grad_codes = nullptr;  // m * d floats
+  float* grad_z = nullptr;            // m * d floats
+};
+
+struct LfqArgs {
+  const void* z = nullptr;  // m * bits values of dtype `dtype`
+  InputType dtype = InputType::F32;
+  int64_t m = 0;
+  int bits = 0;             // 1..62
+  float* codes = nullptr;   // m * bits floats, +-1
+  void* indices = nullptr;  // m int32 (bits <= 30) or int64
+  bool indices_int64 = false;
+};
+
+void fsq_forward(const FsqArgs& a);
+void fsq_backward(const FsqArgs& a);
+// indices: m values, int32 (indices_int64 false) or int64; levels, half_width, basis: d each.
+// codes: m * d floats, codes = (floor_mod(floor_div(idx, basis_j), L_j) - hw_j) / hw_j.
+void fsq_indices_to_codes(const void* indices, bool indices_int64, int64_t m, int d, const int64_t* levels,
+                          const int64_t* basis, float* codes);
+void lfq_forward(const LfqArgs& a);
+
+// torch-equal fp32 tanh of n values (exposed for tests): out[i] = tanh(x[i]).
+void tanh_f32(const float* x, int64_t n, float* out);
+
+// Measured peak fp32 FMA throughput of this machine in GFLOP/s: independent FMA chains of the
+// widest active SIMD level on every OpenMP thread for about `seconds`.
+double fma_peak_gflops(double seconds);
+
+}  // namespace vqtok
