@@ -224,10 +224,123 @@ void bind_fsq_lfq(py::module_& m) {
 }  // namespace
 // ---- end FSQ / LFQ -------------------------------------------------------------------------
 
+// ---- CUDA (built when nvcc is present) ------------------------------------------------------
+#ifdef VQTOK_WITH_CUDA
+#include "vqtok/cuda_kernels.h"
+
+namespace {
+
+// Pointers arrive as data_ptr() integers, the stream as torch.cuda.current_stream().cuda_stream.
+template <typename T>
+T* dptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void cuda_check(int err, const char* what) {
+  if (err != 0) throw std::runtime_error(std::string("vqtok._C.") + what + ": CUDA error: " + vqtok::cuda::error_string(err));
+}
+
+void cuda_check_sizes(const char* what, int64_t m, int64_t d, int64_t d_max) {
+  if (m < 0) throw py::value_error(std::string("vqtok._C.") + what + ": rows must be >= 0, got " + std::to_string(m));
+  if (d < 1 || d > d_max)
+    throw py::value_error(std::string("vqtok._C.") + what + ": feature dim must be in [1, " + std::to_string(d_max) +
+                          "], got " + std::to_string(d));
+}
+
+void bind_cuda(py::module_& m) {
+  m.def(
+      "cuda_nearest_l2_top2",
+      [](uintptr_t x, uintptr_t c, uintptr_t cn, int64_t n, int64_t k, int64_t d, int splits, uintptr_t scratch,
+         uintptr_t best, uintptr_t index, uintptr_t second, uintptr_t stream) {
+        cuda_check_sizes("cuda_nearest_l2_top2", n, d, int64_t{1} << 20);
+        if (k < 1 || k >= (int64_t{1} << 31)) throw py::value_error("vqtok._C.cuda_nearest_l2_top2: k must be in [1, 2^31), got " + std::to_string(k));
+        if (splits < 1) throw py::value_error("vqtok._C.cuda_nearest_l2_top2: splits must be >= 1, got " + std::to_string(splits));
+        py::gil_scoped_release nogil;
+        cuda_check(vqtok::cuda::nearest_l2_top2(dptr<const float>(x), dptr<const float>(c), dptr<const float>(cn), n, k, d,
+                                                splits, dptr<void>(scratch), dptr<float>(best), dptr<int32_t>(index),
+                                                dptr<float>(second), dptr<void>(stream)),
+                   "cuda_nearest_l2_top2");
+      },
+      py::arg("x"), py::arg("codebook"), py::arg("code_norms"), py::arg("n"), py::arg("k"), py::arg("d"),
+      py::arg("splits"), py::arg("scratch"), py::arg("out_best"), py::arg("out_index"), py::arg("out_second"),
+      py::arg("stream"),
+      "fp32 nearest-code candidates on device pointers: x n*d, codebook k*d, code_norms k floats; writes the best "
+      "score (n f32), its index (n int32) and the second-best score (n f32). scratch: splits*n*12 bytes when splits > 1.");
+  m.def(
+      "cuda_rescore_f64",
+      [](uintptr_t x, uintptr_t c, uintptr_t index, int64_t n, int64_t k, int64_t d, uintptr_t index64,
+         uintptr_t dist, uintptr_t score, uintptr_t stream) {
+        cuda_check_sizes("cuda_rescore_f64", n, d, int64_t{1} << 20);
+        py::gil_scoped_release nogil;
+        cuda_check(vqtok::cuda::rescore_f64(dptr<const float>(x), dptr<const float>(c), dptr<const int32_t>(index), n, k,
+                                            d, dptr<int64_t>(index64), dptr<float>(dist), dptr<double>(score),
+                                            dptr<void>(stream)),
+                   "cuda_rescore_f64");
+      },
+      py::arg("x"), py::arg("codebook"), py::arg("index"), py::arg("n"), py::arg("k"), py::arg("d"),
+      py::arg("out_index64"), py::arg("out_dist"), py::arg("out_score"), py::arg("stream"),
+      "float64 direct-form distance (n f32) and score |c|^2 - 2x.c (n f64) of one candidate per row.");
+  m.def(
+      "cuda_fsq_forward",
+      [](uintptr_t z, int64_t mm, int64_t d, uintptr_t hl, uintptr_t off, uintptr_t shift, uintptr_t hw, uintptr_t basis,
+         uintptr_t codes, uintptr_t idx, bool idx_int64, uintptr_t stream) {
+        cuda_check_sizes("cuda_fsq_forward", mm, d, 64);
+        py::gil_scoped_release nogil;
+        cuda_check(vqtok::cuda::fsq_forward(dptr<const float>(z), mm, d, dptr<const float>(hl), dptr<const float>(off),
+                                            dptr<const float>(shift), dptr<const float>(hw), dptr<const int64_t>(basis),
+                                            dptr<float>(codes), dptr<void>(idx), idx_int64, dptr<void>(stream)),
+                   "cuda_fsq_forward");
+      },
+      py::arg("z"), py::arg("m"), py::arg("d"), py::arg("half_l"), py::arg("offset"), py::arg("shift"),
+      py::arg("half_width"), py::arg("basis"), py::arg("out_codes"), py::arg("out_idx"), py::arg("idx_int64"),
+      py::arg("stream"), "FSQ forward on device pointers: z m*d f32 -> codes m*d f32, indices m int32/int64.");
+  m.def(
+      "cuda_fsq_backward",
+      [](uintptr_t g, uintptr_t z, int64_t mm, int64_t d, uintptr_t hl, uintptr_t shift, uintptr_t hw, uintptr_t out,
+         uintptr_t stream) {
+        cuda_check_sizes("cuda_fsq_backward", mm, d, 64);
+        py::gil_scoped_release nogil;
+        cuda_check(vqtok::cuda::fsq_backward(dptr<const float>(g), dptr<const float>(z), mm, d, dptr<const float>(hl),
+                                             dptr<const float>(shift), dptr<const float>(hw), dptr<float>(out),
+                                             dptr<void>(stream)),
+                   "cuda_fsq_backward");
+      },
+      py::arg("grad_codes"), py::arg("z"), py::arg("m"), py::arg("d"), py::arg("half_l"), py::arg("shift"),
+      py::arg("half_width"), py::arg("out_grad_z"), py::arg("stream"), "FSQ straight-through backward (m*d f32).");
+  m.def(
+      "cuda_fsq_indices_to_codes",
+      [](uintptr_t idx, bool idx_int64, int64_t mm, int64_t d, uintptr_t levels, uintptr_t basis, uintptr_t codes,
+         uintptr_t stream) {
+        cuda_check_sizes("cuda_fsq_indices_to_codes", mm, d, 64);
+        py::gil_scoped_release nogil;
+        cuda_check(vqtok::cuda::fsq_indices_to_codes(dptr<const void>(idx), idx_int64, mm, d, dptr<const int64_t>(levels),
+                                                     dptr<const int64_t>(basis), dptr<float>(codes), dptr<void>(stream)),
+                   "cuda_fsq_indices_to_codes");
+      },
+      py::arg("indices"), py::arg("idx_int64"), py::arg("m"), py::arg("d"), py::arg("levels"), py::arg("basis"),
+      py::arg("out_codes"), py::arg("stream"), "FSQ indices (m int32/int64) -> codes m*d f32.");
+  m.def(
+      "cuda_lfq_forward",
+      [](uintptr_t z, int64_t mm, int64_t bits, uintptr_t codes, uintptr_t idx, bool idx_int64, uintptr_t stream) {
+        cuda_check_sizes("cuda_lfq_forward", mm, bits, 62);
+        py::gil_scoped_release nogil;
+        cuda_check(vqtok::cuda::lfq_forward(dptr<const float>(z), mm, bits, dptr<float>(codes), dptr<void>(idx), idx_int64,
+                                            dptr<void>(stream)),
+                   "cuda_lfq_forward");
+      },
+      py::arg("z"), py::arg("m"), py::arg("bits"), py::arg("out_codes"), py::arg("out_idx"), py::arg("idx_int64"),
+      py::arg("stream"), "LFQ forward on device pointers: z m*bits f32 -> codes +-1, indices (bit b = z_b > 0).");
+}
+
+}  // namespace
+#endif  // VQTOK_WITH_CUDA
+// ---- end CUDA ------------------------------------------------------------------------------
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vqtok native kernels (C++ CPU; CUDA when built with nvcc)";
 #ifdef VQTOK_WITH_CUDA
   m.attr("with_cuda") = true;
+  bind_cuda(m);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -7,7 +7,8 @@ Same semantics as ``ops.reference`` bit for bit: fp32 math in the reference's or
 tanh must match torch's bit for bit: on the GPU ``libdevice.tanh`` is the same CUDA math-library
 ``tanhf`` torch calls; the CPU interpreter has no libdevice, so there tanh is evaluated in float64
 and rounded once to fp32 (correctly rounded, like glibc's ``tanhf``). Rounding half to even uses
-exact floor/fraction arithmetic, identical on both.
+exact floor/fraction arithmetic, identical on both. Divisions are ``div_rn`` (IEEE) and kernels
+launch without FMA contraction, so each fp32 op rounds once, like torch's.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _fsq_fwd_kernel(
     basis = tl.load(basis_ptr + cols, mask=cm, other=0)
     bound = _tanh_f32(z + shift[None, :], INTERPRET) * hl[None, :] - offset[None, :]
     q = _round_half_even(bound)
-    tl.store(codes_ptr + off2, q / hw[None, :], mask=m)
+    tl.store(codes_ptr + off2, tl.math.div_rn(q, hw[None, :]), mask=m)  # IEEE division, as torch
     digits = (q + hw[None, :]).to(tl.int64)
     idx = tl.sum(tl.where(m, digits * basis[None, :], 0), 1)
     tl.store(idx_ptr + rows, idx.to(idx_ptr.dtype.element_ty), mask=rows < M)
@@ -98,7 +99,7 @@ def _fsq_bwd_kernel(
     off2 = rows[:, None] * d + cols[None, :]
     z = tl.load(z_ptr + off2, mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + off2, mask=m, other=0.0).to(tl.float32)
-    ratio = tl.load(hl_ptr + cols, mask=cm, other=1.0) / tl.load(hw_ptr + cols, mask=cm, other=1.0)
+    ratio = tl.math.div_rn(tl.load(hl_ptr + cols, mask=cm, other=1.0), tl.load(hw_ptr + cols, mask=cm, other=1.0))
     t = _tanh_f32(z + tl.load(shift_ptr + cols, mask=cm, other=0.0)[None, :], INTERPRET)
     tl.store(out_ptr + off2, g * (1.0 - t * t) * ratio[None, :], mask=m)
 
@@ -119,7 +120,7 @@ def _fsq_decode_kernel(
     basis = tl.load(basis_ptr + cols, mask=cm, other=1)
     digits = (idx[:, None] // basis[None, :]) % lv[None, :]
     hw = lv // 2
-    codes = (digits - hw[None, :]).to(tl.float32) / hw[None, :].to(tl.float32)
+    codes = tl.math.div_rn((digits - hw[None, :]).to(tl.float32), hw[None, :].to(tl.float32))
     tl.store(codes_ptr + rows[:, None] * d + cols[None, :], codes, mask=m)
 
 
@@ -135,6 +136,11 @@ def _grid(m: int):
     return bm, (triton.cdiv(m, bm),)
 
 
+def _exact_fp() -> dict:
+    """Launch options: no FMA contraction on the GPU, so every op rounds once, as torch's do."""
+    return {} if _interpreting() else {"enable_fp_fusion": False}
+
+
 def fsq_forward(z: torch.Tensor, levels: list[int]):
     """z [M, d] contiguous -> (codes float32 [M, d], indices [M] int32/int64)."""
     m, d = z.shape
@@ -144,7 +150,7 @@ def fsq_forward(z: torch.Tensor, levels: list[int]):
     if m:
         bm, grid = _grid(m)
         _fsq_fwd_kernel[grid](z.contiguous(), hl, off, shift, hw, basis, codes, idx, m, d,
-                              BLOCK_M=bm, BLOCK_D=triton.next_power_of_2(d), INTERPRET=_interpreting())
+                              BLOCK_M=bm, BLOCK_D=triton.next_power_of_2(d), INTERPRET=_interpreting(), **_exact_fp())
     return codes, idx
 
 
@@ -156,7 +162,7 @@ def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, levels: list[int]) -
     if m:
         bm, grid = _grid(m)
         _fsq_bwd_kernel[grid](grad_codes.contiguous(), z.contiguous(), hl, shift, hw, out, m, d,
-                              BLOCK_M=bm, BLOCK_D=triton.next_power_of_2(d), INTERPRET=_interpreting())
+                              BLOCK_M=bm, BLOCK_D=triton.next_power_of_2(d), INTERPRET=_interpreting(), **_exact_fp())
     return out
 
 
@@ -168,5 +174,5 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: list[int]) -> torch.Tens
     if m:
         bm, grid = _grid(m)
         _fsq_decode_kernel[grid](indices.contiguous(), lv, basis, codes, m, d,
-                                 BLOCK_M=bm, BLOCK_D=triton.next_power_of_2(d))
+                                 BLOCK_M=bm, BLOCK_D=triton.next_power_of_2(d), **_exact_fp())
     return codes
