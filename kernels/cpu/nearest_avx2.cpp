@@ -32,7 +32,7 @@ constexpr int kMr = 6, kNrv = 2;
 }  // namespace
 
 const BlockKernel& avx2_kernel() {
-  static const BlockKernel k{Ops256::W, kMr, kNrv, "avx2", &run_block<Ops256, kMr, kNrv>};
+  static const BlockKernel k{Ops256::W, kMr, kNrv, true, "avx2", &run_block<Ops256, kMr, kNrv>};
   return k;
 }
 

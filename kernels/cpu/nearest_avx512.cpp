@@ -31,7 +31,7 @@ constexpr int kMr = 8, kNrv = 3;
 }  // namespace
 
 const BlockKernel& avx512_kernel() {
-  static const BlockKernel k{Ops512::W, kMr, kNrv, "avx512", &run_block<Ops512, kMr, kNrv>};
+  static const BlockKernel k{Ops512::W, kMr, kNrv, true, "avx512", &run_block<Ops512, kMr, kNrv>};
   return k;
 }
 

@@ -153,113 +153,201 @@ void reduce_lanes(int64_t rows, int w, const float* lb, const float* ls, const i
   }
 }
 
+// Everything one search needs; the panel buffers are shared by the threads.
+struct Search {
+  const BlockKernel& kern;
+  const void* x;
+  const void* cb;
+  DType dtype;
+  int64_t n, k, d;
+  int64_t cw;  // codes per chunk (width * nrv)
+  int64_t kp;  // codes per panel (a multiple of cw)
+  std::vector<float> cnorm, panel, pnorm;
+
+  Search(const BlockKernel& kr, const void* x_, const void* cb_, DType t, int64_t n_, int64_t k_,
+         int64_t d_)
+      : kern(kr), x(x_), cb(cb_), dtype(t), n(n_), k(k_), d(d_), cw(int64_t{kr.width} * kr.nrv) {
+    // ~1 MiB of packed codes per panel: fits each core's L2 next to the streaming rows.
+    kp = std::max<int64_t>(cw, (int64_t{1} << 20) / (4 * d) / cw * cw);
+    kp = std::min(kp, round_up(k, cw));
+    cnorm.resize(static_cast<size_t>(k));
+    panel.resize(static_cast<size_t>(kp * d));
+    pnorm.resize(static_cast<size_t>(kp));
+  }
+
+  int64_t chunks_in(int64_t c0) const { return (std::min(kp, k - c0) + cw - 1) / cw; }
+
+  // Packs codes [c0, c0 + chunks*cw) as -2*c in [chunk][d][cw] order. Call inside a parallel
+  // region (work-shared loop, implicit barrier at the end). crow: d floats of scratch.
+  void pack(int64_t c0, float* crow) {
+    const int64_t nch = chunks_in(c0), w = kern.width, groups = nch * kern.nrv;
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t q = g / kern.nrv, lane0 = (g % kern.nrv) * w;
+      float* dst = panel.data() + q * d * cw + lane0;
+      for (int64_t l = 0; l < w; ++l) {
+        const int64_t code = c0 + g * w + l;
+        if (code < k) {
+          to_float(cb, dtype, code * d, d, crow);
+          for (int64_t j = 0; j < d; ++j) dst[j * cw + l] = -2.0f * crow[j];
+          pnorm[g * w + l] = cnorm[code];
+        } else {
+          for (int64_t j = 0; j < d; ++j) dst[j * cw + l] = 0.0f;
+          pnorm[g * w + l] = kInf;
+        }
+      }
+    }
+  }
+
+  // Converts rows `ids[0..rows)` (or rows r0.. when ids is null) into xbuf, zero-padded to rpad.
+  const float* load_rows(int64_t r0, const int64_t* ids, int64_t rows, int64_t rpad, float* xbuf) const {
+    if (ids == nullptr && dtype == DType::F32 && rows == rpad)
+      return static_cast<const float*>(x) + r0 * d;
+    for (int64_t r = 0; r < rows; ++r)
+      to_float(x, dtype, (ids ? ids[r] : r0 + r) * d, d, xbuf + r * d);
+    std::fill(xbuf + rows * d, xbuf + rpad * d, 0.0f);
+    return xbuf;
+  }
+};
+
 }  // namespace
 }  // namespace nearest_detail
 
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool /*fast*/, int64_t* out_idx, float* out_dist) {
   using namespace nearest_detail;
-  const BlockKernel& kern = pick_kernel();
+  Search S(pick_kernel(), x, codebook, dtype, n, k, d);
   NearestStats stats;
-  stats.isa = kern.name;
+  stats.isa = S.kern.name;
   if (n <= 0) return stats;
-  const int w = kern.width, mr = kern.mr;
-  const int64_t gcodes = static_cast<int64_t>(w) * kern.nrv;
+  const int w = S.kern.width, mr = S.kern.mr;
+  const CodebookStats cs = codebook_norms(codebook, dtype, k, d, S.cnorm.data());
 
-  std::vector<float> cnorm(static_cast<size_t>(k));
-  const CodebookStats cs = codebook_norms(codebook, dtype, k, d, cnorm.data());
+  // Error bound of a score: gamma_m with m = d + 2 roundings for FMA chains (2d + 2 otherwise).
+  const double u = std::ldexp(1.0, -24), m = (S.kern.fma ? 1.0 : 2.0) * d + 2.0;
+  const double gamma = m * u < 0.5 ? m * u / (1 - m * u) : std::numeric_limits<double>::infinity();
+  const bool huge = cs.abs_max > 1e18;
 
-  // Panel: ~1 MiB of packed codes (fits each core's L2), shared by all threads.
-  int64_t kp = std::max<int64_t>(gcodes, (int64_t{1} << 20) / (4 * d) / gcodes * gcodes);
-  kp = std::min(kp, round_up(k, gcodes));
-  const int64_t pgroups = kp / w;
-  std::vector<float> panel(static_cast<size_t>(pgroups * d * w)), pnorm(static_cast<size_t>(kp));
-
-  // Row blocks: small d sweeps a whole panel per micro-tile; large d keeps ~192 KiB of rows.
-  int64_t mb = d <= 48 ? int64_t{mr} * 16 : std::clamp<int64_t>(49152 / d / mr * mr, mr, 512);
+  // Row blocks of the main pass: ~64 KiB of rows (at least 16 micro-tiles for small d).
+  int64_t mb = std::clamp<int64_t>(16384 / d / mr * mr, int64_t{mr} * 2, int64_t{mr} * 16);
   mb = std::min(mb, round_up(n, mr));
   const int64_t nblocks = (n + mb - 1) / mb;
+  // Rows re-decided by scores are processed fb at a time (scores buffer fb x kp floats).
+  const int64_t fb = int64_t{mr} * 2;
 
   std::vector<float> gbest(static_cast<size_t>(n), kInf), gsec(static_cast<size_t>(n), kInf);
   std::vector<int32_t> gidx(static_cast<size_t>(n), 0);
+  std::vector<double> bound(static_cast<size_t>(n));
+  std::vector<int64_t> redo;        // rows whose gap is inside the bound
+  std::vector<double> redo_dist;    // their best direct-form distance so far
   int64_t exact_rows = 0;
 
 #pragma omp parallel reduction(+ : exact_rows)
   {
-    std::vector<float> xbuf(static_cast<size_t>(mb * d));
+    std::vector<float> xbuf(static_cast<size_t>(std::max(mb, fb) * d));
     std::vector<float> lb(static_cast<size_t>(mb * w)), ls(lb.size());
     std::vector<int32_t> li(lb.size());
     std::vector<float> crow(static_cast<size_t>(d));
+    std::vector<double> x64(static_cast<size_t>(d));
 
-    for (int64_t c0 = 0; c0 < k; c0 += kp) {
-      const int64_t ng = (std::min(kp, k - c0) + w - 1) / w;
-#pragma omp for schedule(static)
-      for (int64_t g = 0; g < ng; ++g) {
-        float* dst = panel.data() + g * d * w;
-        for (int l = 0; l < w; ++l) {
-          const int64_t code = c0 + g * w + l;
-          if (code < k) {
-            to_float(codebook, dtype, code * d, d, crow.data());
-            for (int64_t j = 0; j < d; ++j) dst[j * w + l] = -2.0f * crow[j];
-            pnorm[g * w + l] = cnorm[code];
-          } else {
-            for (int64_t j = 0; j < d; ++j) dst[j * w + l] = 0.0f;
-            pnorm[g * w + l] = kInf;
-          }
-        }
-      }
+    // 1. fp32 scores, best / second per row.
+    for (int64_t c0 = 0; c0 < k; c0 += S.kp) {
+      S.pack(c0, crow.data());
+      const int64_t nch = S.chunks_in(c0);
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t r0 = blk * mb, rows = std::min(mb, n - r0), rpad = round_up(rows, mr);
-        const float* xq;
-        if (dtype == DType::F32 && rows == rpad) {
-          xq = static_cast<const float*>(x) + r0 * d;
-        } else {
-          to_float(x, dtype, r0 * d, rows * d, xbuf.data());
-          std::fill(xbuf.begin() + rows * d, xbuf.begin() + rpad * d, 0.0f);
-          xq = xbuf.data();
-        }
         std::fill(lb.begin(), lb.begin() + rpad * w, kInf);
         std::fill(ls.begin(), ls.begin() + rpad * w, kInf);
         std::fill(li.begin(), li.begin() + rpad * w, 0);
-        BlockArgs a{xq, rpad, d, panel.data(), pnorm.data(), ng, static_cast<int32_t>(c0),
-                    lb.data(), ls.data(), li.data()};
-        kern.run(a);
+        BlockArgs a{S.load_rows(r0, nullptr, rows, rpad, xbuf.data()), rpad, d, S.panel.data(),
+                    S.pnorm.data(), nch, static_cast<int32_t>(c0), lb.data(), ls.data(),
+                    li.data(), nullptr, 0};
+        S.kern.run(a);
         reduce_lanes(rows, w, lb.data(), ls.data(), li.data(), gbest.data() + r0,
                      gsec.data() + r0, gidx.data() + r0);
       }
     }
 
-    // Certificate per row; near ties (and inputs too large for the bound) are re-decided.
-    const double u = std::ldexp(1.0, -24), m = 2.0 * d + 2.0;
-    const double gamma = m * u < 0.5 ? m * u / (1 - m * u) : std::numeric_limits<double>::infinity();
-    const bool huge = cs.abs_max > 1e18;
-    std::vector<double> x64(static_cast<size_t>(d));
-    std::vector<float> xr(static_cast<size_t>(d));
-#pragma omp for schedule(dynamic, 64)
+    // 2. Certificate: a gap above 2E proves the winner; the others are re-decided.
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
-      to_float(x, dtype, r * d, d, xr.data());
+      to_float(x, dtype, r * d, d, crow.data());
       double l1 = 0, l2 = 0;
       for (int64_t j = 0; j < d; ++j) {
-        x64[j] = xr[j];
-        l1 += std::fabs(x64[j]);
-        l2 += x64[j] * x64[j];
+        l1 += std::fabs(static_cast<double>(crow[j]));
+        l2 += static_cast<double>(crow[j]) * crow[j];
       }
       const double dots = std::min(l1 * cs.abs_max, std::sqrt(l2) * cs.norm_max);
-      const double bound = gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
-      const double gap = static_cast<double>(gsec[r]) - static_cast<double>(gbest[r]);
-      double dist;
-      if (!huge && l2 < 1e36 && gap > 2.0 * bound) {
-        out_idx[r] = gidx[r];
-        dist = direct_dist(x64.data(), codebook, dtype, gidx[r], d, crow.data());
-      } else {
-        ++exact_rows;
-        if (dtype == DType::F32) out_idx[r] = scan_direct<DType::F32>(x64.data(), codebook, k, d, &dist);
-        else if (dtype == DType::F16) out_idx[r] = scan_direct<DType::F16>(x64.data(), codebook, k, d, &dist);
-        else out_idx[r] = scan_direct<DType::BF16>(x64.data(), codebook, k, d, &dist);
-      }
-      out_dist[r] = static_cast<float>(dist);
+      bound[r] = gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
+      if (huge || l2 >= 1e36) bound[r] = std::numeric_limits<double>::infinity();
     }
+#pragma omp single
+    {
+      for (int64_t r = 0; r < n; ++r) {
+        const double gap = static_cast<double>(gsec[r]) - static_cast<double>(gbest[r]);
+        if (!(gap > 2.0 * bound[r])) redo.push_back(r);
+      }
+      redo_dist.assign(redo.size(), std::numeric_limits<double>::infinity());
+    }  // implicit barrier
+
+    // 3a. Inputs beyond the bound's range: a plain direct-form scan.
+    const int64_t nredo = static_cast<int64_t>(redo.size());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < nredo; ++i) {
+      const int64_t r = redo[i];
+      if (!std::isinf(bound[r])) continue;
+      to_float(x, dtype, r * d, d, crow.data());
+      for (int64_t j = 0; j < d; ++j) x64[j] = crow[j];
+      double dist;
+      if (dtype == DType::F32) gidx[r] = static_cast<int32_t>(scan_direct<DType::F32>(x64.data(), codebook, k, d, &dist));
+      else if (dtype == DType::F16) gidx[r] = static_cast<int32_t>(scan_direct<DType::F16>(x64.data(), codebook, k, d, &dist));
+      else gidx[r] = static_cast<int32_t>(scan_direct<DType::BF16>(x64.data(), codebook, k, d, &dist));
+      redo_dist[i] = dist;
+    }
+
+    // 3b. Near ties: scores again (same kernel, same bound); every code with s <= best + 2E may
+    // be the exact winner and is decided in the direct form (ascending codes, strict <).
+    const int64_t nfb = (nredo + fb - 1) / fb;
+    if (nfb > 0) {
+      std::vector<float> scores(static_cast<size_t>(fb * S.kp));
+      for (int64_t c0 = 0; c0 < k; c0 += S.kp) {
+        S.pack(c0, crow.data());
+        const int64_t nch = S.chunks_in(c0), ncodes = std::min(S.kp, k - c0);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t b = 0; b < nfb; ++b) {
+          const int64_t i0 = b * fb, rows = std::min(fb, nredo - i0), rpad = round_up(rows, mr);
+          BlockArgs a{S.load_rows(0, redo.data() + i0, rows, rpad, xbuf.data()), rpad, d,
+                      S.panel.data(), S.pnorm.data(), nch, static_cast<int32_t>(c0), nullptr,
+                      nullptr, nullptr, scores.data(), S.kp};
+          S.kern.run(a);
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t r = redo[i0 + i];
+            if (std::isinf(bound[r])) continue;
+            const double thr = static_cast<double>(gbest[r]) + 2.0 * bound[r];
+            const float* xr = xbuf.data() + i * d;
+            for (int64_t j = 0; j < d; ++j) x64[j] = xr[j];
+            const float* sr = scores.data() + i * S.kp;
+            for (int64_t c = 0; c < ncodes; ++c) {
+              if (static_cast<double>(sr[c]) > thr) continue;
+              const double dd = direct_dist(x64.data(), codebook, dtype, c0 + c, d, crow.data());
+              if (dd < redo_dist[i0 + i]) redo_dist[i0 + i] = dd, gidx[r] = static_cast<int32_t>(c0 + c);
+            }
+          }
+        }
+      }
+    }
+
+    // 4. Outputs: the winner's direct-form distance.
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) {
+      out_idx[r] = gidx[r];
+      to_float(x, dtype, r * d, d, crow.data());
+      for (int64_t j = 0; j < d; ++j) x64[j] = crow[j];
+      out_dist[r] = static_cast<float>(direct_dist(x64.data(), codebook, dtype, gidx[r], d, crow.data()));
+    }
+#pragma omp single
+    exact_rows = nredo;
   }
   stats.exact_rows = exact_rows;
   return stats;

@@ -8,10 +8,11 @@ namespace vqtok::nearest_detail {
 
 // One block of query rows against one packed codebook panel.
 //
-// Codes are packed in groups of W (the kernel's lane width): group g occupies
-// panel[g*d*W : (g+1)*d*W] laid out [d][W] and holds -2*c (exact scaling), so that
-// score = norms[g*W + l] + sum_j xq[r*d + j] * panel[(g*d + j)*W + l] = |c|^2 - 2 x.c.
-// Padding codes have norm +inf and are never selected.
+// Codes are packed in chunks of NRV*W (NRV groups of W lanes): chunk q occupies
+// panel[q*d*NRV*W : (q+1)*d*NRV*W] laid out [d][NRV*W] and holds -2*c (exact scaling), so that
+// with cw = NRV*W the score of code q*cw + l is
+//   norms[q*cw + l] + sum_j xq[r*d + j] * panel[(q*d + j)*cw + l] = |c|^2 - 2 x.c.
+// Padding codes (up to a whole chunk) have norm +inf and are never selected.
 // Lane state per row r (W entries each, at r*W): best score, second-best score and the index of
 // the first code of the group that holds the best (the code is idx + lane). Codes reach a lane
 // in ascending order and replace the best only when strictly smaller, so ties keep the lowest.
@@ -20,18 +21,23 @@ struct BlockArgs {
   int64_t rows;
   int64_t d;
   const float* panel;   // ngroups*d*W floats
-  const float* norms;   // ngroups*W floats
-  int64_t ngroups;
+  const float* norms;   // nchunks*NRV*W floats
+  int64_t nchunks;
   int32_t code_base;    // global index of the panel's first code
   float* best;          // rows*W
   float* second;        // rows*W
   int32_t* idx;         // rows*W
+  // Scores mode (used to re-decide near ties): when non-null, the kernel writes every score
+  // to scores[r*ld + code - code_base] instead of updating the lane state.
+  float* scores;
+  int64_t ld;
 };
 
 struct BlockKernel {
   int width;  // W: codes per group (SIMD lanes)
   int mr;     // rows per micro-tile (block rows must be a multiple)
-  int nrv;    // groups per micro-tile (panel sizes are rounded to width*nrv codes)
+  int nrv;    // groups per micro-tile (panels are padded to whole chunks of width*nrv codes)
+  bool fma;   // scores are single-rounding FMA chains (tightens the error bound)
   const char* name;
   void (*run)(const BlockArgs&);
 };

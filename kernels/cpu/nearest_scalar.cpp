@@ -72,7 +72,7 @@ constexpr int kMr = 4, kNrv = 1;
 }  // namespace
 
 const BlockKernel& scalar_kernel() {
-  static const BlockKernel k{OpsScalar::W, kMr, kNrv, "scalar", &run_block<OpsScalar, kMr, kNrv>};
+  static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>};
   return k;
 }
 
