@@ -1,0 +1,197 @@
+"""C++ FSQ/LFQ kernels at every SIMD level against ops/reference.py, bit for bit.
+
+Sizes are chosen to hit SIMD tails (rows not a multiple of 8/16/64) and the OpenMP split. tanh is
+the one place the kernels do not call torch: they evaluate it in double and round once, which is
+``torch.tanh(x.double()).float()``; torch's own fp32 tanh (MKL) is within one ulp of that, so the
+FSQ codes and indices equal the reference's exactly and the gradients equal the reference formula
+evaluated with the correctly rounded tanh.
+"""
+
+import math
+
+import pytest
+import torch
+
+from vqtok.ops import reference as ref
+from vqtok.ops.dispatch import unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason("cpp") is not None, reason=f"cpp backend: {unavailable_reason('cpp')}")
+
+if unavailable_reason("cpp") is None:
+    from vqtok import _C
+    from vqtok.ops import _native
+
+_LEVELS = ("scalar", "avx2", "avx512")
+_RANK = {name: i for i, name in enumerate(_LEVELS)}
+
+
+def _isas():
+    if unavailable_reason("cpp") is not None:
+        return list(_LEVELS)
+    best = _C.detected_isa()
+    return [i for i in _LEVELS if _RANK[i] <= _RANK[best]]
+
+
+@pytest.fixture(params=_isas())
+def isa(request, monkeypatch):
+    monkeypatch.setenv("VQTOK_ISA", request.param)
+    assert _C.active_isa() == request.param
+    return request.param
+
+
+def _z(m, d, scale=2.0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, d, generator=g) * scale).to(dtype)
+
+
+def _tanh_cr(x):
+    """fp32 tanh rounded once from double: what the kernels compute."""
+    return torch.tanh(x.double()).float()
+
+
+def _fsq_backward_cr(g, z, levels):
+    """ops/reference.fsq_backward with the correctly rounded tanh, same fp32 operation order."""
+    half_l, _, shift, half_width = ref.fsq_constants(levels)
+    t = _tanh_cr(z.float() + shift)
+    return g.float() * (1 - t * t) * (half_l / half_width)
+
+
+def test_tanh_bits(isa):
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([
+        torch.randn(50_000, generator=g) * 3,
+        torch.rand(20_000, generator=g) * 24 - 12,  # through the rounds-to-one range (~9.01)
+        torch.randn(5_000, generator=g) * 1e-3,
+        torch.randn(1_000, generator=g) * 1e-30,
+        torch.tensor([0.0, -0.0, 1e-45, -1e-45, 9.0, 9.01, 9.02, 10.0, -10.0, 1e30, -3.4e38]),
+    ])
+    out = torch.empty_like(x)
+    _C.tanh_f32(x.data_ptr(), x.numel(), out.data_ptr())
+    expect = _tanh_cr(x)
+    assert torch.equal(out, expect)
+    assert torch.equal(out.signbit(), expect.signbit())  # tanh(-0) = -0
+    # torch's fp32 tanh is within one ulp of it
+    diff = (out.view(torch.int32) - torch.tanh(x).view(torch.int32)).abs()
+    assert int(diff.max()) <= 1
+
+
+@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [4] * 9, [16384]])
+@pytest.mark.parametrize("m", [1, 15, 17, 63, 1031])
+def test_fsq_forward_bits(isa, levels, m):
+    z = _z(m, len(levels), seed=m)
+    codes, idx = _native._fsq_forward_cpp(z, levels)
+    rc, ri = ref.fsq_forward(z, levels)
+    assert torch.equal(codes, rc)
+    assert idx.dtype == ri.dtype == torch.int32
+    assert torch.equal(idx, ri)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fsq_half_inputs(isa, dtype):
+    levels = [8, 8, 8, 5, 5, 5]
+    z = _z(517, 6, dtype=dtype)
+    z[0, :3] = torch.tensor([0.0, -0.0, 6e-8]).to(dtype)  # zeros and an fp16 subnormal
+    codes, idx = _native._fsq_forward_cpp(z, levels)
+    rc, ri = ref.fsq_forward(z, levels)
+    assert torch.equal(codes, rc) and torch.equal(idx, ri)
+    g = _z(517, 6, seed=3)
+    assert torch.equal(_native._fsq_backward_cpp(g, z, levels), _fsq_backward_cr(g, z, levels))
+
+
+@pytest.mark.parametrize("m", [1, 16, 33, 1031])
+def test_fsq_backward_bits(isa, m):
+    levels = [8, 5, 5, 5, 3]
+    z, g = _z(m, 5, scale=3.0, seed=m), _z(m, 5, seed=m + 1)
+    out = _native._fsq_backward_cpp(g, z, levels)
+    assert torch.equal(out, _fsq_backward_cr(g, z, levels))
+    # against torch's fp32 tanh: a one-ulp change of t moves 1 - t^2 by <= 2 ulp(1) absolute
+    expect = ref.fsq_backward(g, z, levels)
+    half_l, _, _, half_width = ref.fsq_constants(levels)
+    bound = 4 * 2.0**-24 * g.abs() * (half_l / half_width) + 2.0**-22 * expect.abs()
+    assert bool(((out - expect).abs() <= bound).all())
+
+
+def test_fsq_int64_indices(isa):
+    for levels in ([2**16, 2**16 + 1], [2**40, 3]):  # prod >= 2^31; the second has digits past 2^31
+        z = _z(77, 2, scale=3.0)
+        codes, idx = _native._fsq_forward_cpp(z, levels)
+        rc, ri = ref.fsq_forward(z, levels)
+        assert idx.dtype == torch.int64 and torch.equal(idx, ri) and torch.equal(codes, rc)
+        assert torch.equal(_native._fsq_indices_to_codes_cpp(idx, levels), ref.fsq_indices_to_codes(ri, levels))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_fsq_indices_to_codes(dtype):
+    levels = [8, 5, 5]
+    idx = torch.arange(math.prod(levels)).to(dtype)
+    assert torch.equal(_native._fsq_indices_to_codes_cpp(idx, levels), ref.fsq_indices_to_codes(idx, levels))
+    neg = torch.tensor([-1, -7, -200], dtype=torch.int64)  # out of range: floor semantics as the reference
+    assert torch.equal(_native._fsq_indices_to_codes_cpp(neg, levels), ref.fsq_indices_to_codes(neg, levels))
+
+
+def test_fsq_constants_match_reference():
+    for levels in ([2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 17, 255, 256, 1000], [65536, 65537], [2**40]):
+        got = _C.fsq_constants(levels)
+        for ours, theirs in zip(got[:4], ref.fsq_constants(levels)):
+            assert torch.equal(torch.tensor(ours, dtype=torch.float32), theirs)
+        half_l, _, _, half_width = ref.fsq_constants(levels)
+        assert torch.equal(torch.tensor(got[4], dtype=torch.float32), half_l / half_width)
+        assert got[5] == ref.fsq_basis(levels).tolist()
+
+
+@pytest.mark.parametrize("bits", [1, 5, 8, 18, 31, 40, 56, 57, 62])
+@pytest.mark.parametrize("m", [3, 64, 200])
+def test_lfq_forward_bits(isa, bits, m):
+    z = _z(m, bits, seed=bits)
+    z[0, 0] = 0.0
+    z[-1, -1] = -0.0
+    codes, idx = _native._lfq_forward_cpp(z)
+    rc, ri = ref.lfq_forward(z)
+    assert torch.equal(codes, rc)
+    assert idx.dtype == ri.dtype and torch.equal(idx, ri)
+
+
+def test_lfq_half_inputs(isa):
+    for dtype in (torch.float16, torch.bfloat16):
+        z = _z(130, 18, dtype=dtype)
+        codes, idx = _native._lfq_forward_cpp(z)
+        rc, ri = ref.lfq_forward(z)
+        assert torch.equal(codes, rc) and torch.equal(idx, ri)
+
+
+def test_millions_of_values_threaded():
+    """4M FSQ values and 2M LFQ values through the OpenMP path, at the default SIMD level."""
+    levels = [8, 5, 5, 5]
+    z = _z((1 << 20) + 5, 4, scale=2.5, seed=7)
+    codes, idx = _native._fsq_forward_cpp(z, levels)
+    rc, ri = ref.fsq_forward(z, levels)
+    assert torch.equal(codes, rc) and torch.equal(idx, ri)
+    g = _z(z.shape[0], 4, seed=8)
+    assert torch.equal(_native._fsq_backward_cpp(g, z, levels), _fsq_backward_cr(g, z, levels))
+    zl = _z((1 << 17) + 3, 18, seed=9)
+    lc, li = _native._lfq_forward_cpp(zl)
+    rlc, rli = ref.lfq_forward(zl)
+    assert torch.equal(lc, rlc) and torch.equal(li, rli)
+
+
+def test_binding_validation():
+    with pytest.raises(ValueError, match=r"levels\[1\] must be >= 2"):
+        _C.fsq_forward(0, 0, [3, 1], 0, 0, 0, False)
+    with pytest.raises(ValueError, match="levels must not be empty"):
+        _C.fsq_indices_to_codes(0, 0, False, [], 0)
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.fsq_backward(0, 0, 0, [3], 7, 0)
+    with pytest.raises(ValueError, match="z pointer is null"):
+        _C.fsq_forward(0, 4, [3], 0, 1, 1, False)
+    with pytest.raises(ValueError, match=r"bits must be in \[1, 62\]"):
+        _C.lfq_forward(0, 0, 63, 0, 0, 0, True)
+    with pytest.raises(ValueError, match="need int64 indices"):
+        _C.lfq_forward(0, 0, 40, 0, 0, 0, False)
+    with pytest.raises(ValueError, match="grad_codes must have z's shape"):
+        _native._fsq_backward_cpp(torch.zeros(3, 2), torch.zeros(4, 2), [3, 3])
+
+
+def test_fma_peak_positive():
+    assert _C.fma_peak_gflops(0.02) > 0.0
+    with pytest.raises(ValueError, match="seconds"):
+        _C.fma_peak_gflops(-1.0)
