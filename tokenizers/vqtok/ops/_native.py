@@ -130,3 +130,119 @@ if _C is not None and hasattr(_C, "fsq_forward"):
         idx = torch.empty(m, dtype=idx_dtype)
         _C.lfq_forward(z.data_ptr(), m, bits, code, codes.data_ptr(), idx.data_ptr(), idx_dtype == torch.int64)
         return codes, idx
+
+
+# --------------------------------------------------------------------------------------------
+# cuda: kernels/cuda/*.cu on device pointers, launched on torch's current stream
+# --------------------------------------------------------------------------------------------
+if _C is not None and getattr(_C, "with_cuda", False) and hasattr(_C, "cuda_nearest_l2_top2"):
+    import torch
+
+    from . import reference as _cref
+    from .dispatch import register
+
+    _CUDA_ROW_TILE = 64  # rows per block of kernels/cuda/nearest.cu
+    _CUDA_SPLIT_TARGET = 264  # ~2 waves of blocks on a 132-SM H100
+
+    def _stream(t: torch.Tensor) -> int:
+        return torch.cuda.current_stream(t.device).cuda_stream
+
+    def _cuda_f32(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "cuda":
+            raise ValueError(f"cuda backend runs on CUDA tensors, got {name} on {t.device}")
+        return t.to(torch.float32).contiguous()
+
+    @register("nearest_code_l2", "cuda")
+    def _nearest_code_l2_cuda(x, codebook, precision="exact"):
+        """x [N, D], codebook [K, D] on one CUDA device -> (int64 [N], float32 [N]), certified exact.
+
+        The CUDA kernel has one (fp32) path: ``precision="fast"`` runs it too."""
+        from .triton import _certify  # pure torch; importing it never needs triton
+
+        xf, cf = _cuda_f32("x", x), _cuda_f32("codebook", codebook)
+        n, d = xf.shape
+        k = cf.shape[0]
+        dev = xf.device
+        with torch.cuda.device(dev):
+            cn = cf.square().sum(1)
+            tiles = -(-n // _CUDA_ROW_TILE)
+            splits = max(1, min(-(-_CUDA_SPLIT_TARGET // tiles), k // 512)) if tiles < _CUDA_SPLIT_TARGET else 1
+            scratch = torch.empty(splits * n * 3 if splits > 1 else 1, dtype=torch.int32, device=dev)
+            best = torch.empty(n, dtype=torch.float32, device=dev)
+            cand = torch.empty(n, dtype=torch.int32, device=dev)
+            second = torch.empty(n, dtype=torch.float32, device=dev)
+            s = _stream(xf)
+            _C.cuda_nearest_l2_top2(xf.data_ptr(), cf.data_ptr(), cn.data_ptr(), n, k, d, splits, scratch.data_ptr(),
+                                    best.data_ptr(), cand.data_ptr(), second.data_ptr(), s)
+            idx = torch.empty(n, dtype=torch.int64, device=dev)
+            dist = torch.empty(n, dtype=torch.float32, device=dev)
+            score = torch.empty(n, dtype=torch.float64, device=dev)
+            _C.cuda_rescore_f64(xf.data_ptr(), cf.data_ptr(), cand.data_ptr(), n, k, d, idx.data_ptr(),
+                                dist.data_ptr(), score.data_ptr(), s)
+            err, e64 = _certify.row_bounds(xf, cn, fast=False)
+            redo = (~_certify.certified(second, score, err, e64)).nonzero().squeeze(1)
+            if redo.numel():
+                ri, rd = _cref.nearest_code_l2(x.index_select(0, redo), codebook)
+                idx[redo] = ri
+                dist[redo] = rd
+        return idx, dist
+
+    def _fsq_tables(levels, dev):
+        hl, off, shift, hw = _cref.fsq_constants(list(levels), device=dev)
+        lv = torch.tensor(list(levels), dtype=torch.int64, device=dev)
+        return hl, off, shift, hw, _cref.fsq_basis(list(levels), dev), lv
+
+    @register("fsq_forward", "cuda")
+    def _fsq_forward_cuda(z, levels):
+        """z [M, d] -> (codes float32 [M, d], indices [M] int32/int64), bit-identical to torch on the GPU."""
+        zf = _cuda_f32("z", z)
+        m, d = zf.shape
+        hl, off, shift, hw, basis, _ = _fsq_tables(levels, zf.device)
+        codes = torch.empty(m, d, dtype=torch.float32, device=zf.device)
+        idx = torch.empty(m, dtype=_cref.fsq_index_dtype(levels), device=zf.device)
+        with torch.cuda.device(zf.device):
+            _C.cuda_fsq_forward(zf.data_ptr(), m, d, hl.data_ptr(), off.data_ptr(), shift.data_ptr(), hw.data_ptr(),
+                                basis.data_ptr(), codes.data_ptr(), idx.data_ptr(), idx.dtype == torch.int64,
+                                _stream(zf))
+        return codes, idx
+
+    @register("fsq_backward", "cuda")
+    def _fsq_backward_cuda(grad_codes, z, levels):
+        """Straight-through FSQ backward: [M, d] float32."""
+        zf, g = _cuda_f32("z", z), _cuda_f32("grad_codes", grad_codes)
+        if g.shape != zf.shape:
+            raise ValueError(f"grad_codes must have z's shape {tuple(zf.shape)}, got {tuple(g.shape)}")
+        hl, _, shift, hw, _, _ = _fsq_tables(levels, zf.device)
+        out = torch.empty_like(zf)
+        with torch.cuda.device(zf.device):
+            _C.cuda_fsq_backward(g.data_ptr(), zf.data_ptr(), zf.shape[0], zf.shape[1], hl.data_ptr(),
+                                 shift.data_ptr(), hw.data_ptr(), out.data_ptr(), _stream(zf))
+        return out
+
+    @register("fsq_indices_to_codes", "cuda")
+    def _fsq_indices_to_codes_cuda(indices, levels):
+        """indices [M] (any integer dtype) -> codes float32 [M, d]."""
+        if indices.device.type != "cuda":
+            raise ValueError(f"cuda backend runs on CUDA tensors, got indices on {indices.device}")
+        if indices.dtype not in (torch.int32, torch.int64):
+            indices = indices.to(torch.int64)
+        indices = indices.contiguous()
+        _, _, _, _, basis, lv = _fsq_tables(levels, indices.device)
+        codes = torch.empty(indices.shape[0], len(levels), dtype=torch.float32, device=indices.device)
+        with torch.cuda.device(indices.device):
+            _C.cuda_fsq_indices_to_codes(indices.data_ptr(), indices.dtype == torch.int64, indices.shape[0],
+                                         len(levels), lv.data_ptr(), basis.data_ptr(), codes.data_ptr(),
+                                         _stream(indices))
+        return codes
+
+    @register("lfq_forward", "cuda")
+    def _lfq_forward_cuda(z):
+        """z [M, B] -> (codes float32 +-1 [M, B], indices [M]: bit b = z[:, b] > 0, LSB first)."""
+        zf = _cuda_f32("z", z)
+        m, bits = zf.shape
+        codes = torch.empty(m, bits, dtype=torch.float32, device=zf.device)
+        idx = torch.empty(m, dtype=_cref.lfq_index_dtype(bits), device=zf.device)
+        with torch.cuda.device(zf.device):
+            _C.cuda_lfq_forward(zf.data_ptr(), m, bits, codes.data_ptr(), idx.data_ptr(), idx.dtype == torch.int64,
+                                _stream(zf))
+        return codes, idx
