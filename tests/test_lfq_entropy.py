@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqtok.ops import lfq_entropy
-from vqtok.ops.lfq_entropy import half_probs
+from vqtok.ops.lfq_entropy import half_probs, half_probs_t
 
 
 def dense_probs(z: torch.Tensor, tau: float = 1.0, s: float = 1.0, dtype=torch.float64) -> torch.Tensor:
@@ -126,6 +126,7 @@ def test_bsq_scale_and_half_probs_order():
     a = 4 * z / 0.05 / math.sqrt(bits)
     p = (half_probs(a[:, :2])[:, :, None] * half_probs(a[:, 2:])[:, None, :]).transpose(1, 2).reshape(80, -1)
     torch.testing.assert_close(p, dense_probs(z, 0.05, 1 / math.sqrt(bits)), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(half_probs_t(a[:, 2:]), half_probs(a[:, 2:]).t(), rtol=1e-14, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------

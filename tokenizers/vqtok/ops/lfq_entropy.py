@@ -40,9 +40,9 @@ from . import _checks
 
 EPS_MODES = ("exact", "vqtorch", "magvit")
 COMPAT_EPS = 1e-5
-# P1 + P2 elements per chunk of tokens: bounds the extra memory of the torch path (fp32: 16 MiB
+# P1 + P2 elements per chunk of tokens: bounds the extra memory of the torch path (fp32: 8 MiB
 # for P1 and P2 in the forward, twice that in the backward) while keeping the GEMMs large.
-_CHUNK_ELEMS = 1 << 22
+_CHUNK_ELEMS = 1 << 21
 # Largest codebook whose pbar the torch path holds (2^26 fp32 = 256 MiB); beyond it use Triton.
 MAX_TORCH_BITS = 26
 
@@ -50,24 +50,42 @@ MAX_TORCH_BITS = 26
 # --------------------------------------------------------------------------------------------
 # half-codebook probabilities
 # --------------------------------------------------------------------------------------------
-def half_probs(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """a [n, k] bit logits -> P [n, 2^k], P[n, c] = prod_b sigmoid(+-a_nb) (LSB-first, no 0 * inf).
-
-    Built by doubling in place: after bit b the first 2^(b+1) columns hold the codes of bits 0..b.
-    """
+def half_probs(a: torch.Tensor) -> torch.Tensor:
+    """a [n, k] bit logits -> P [n, 2^k], P[n, c] = prod_b sigmoid(+-a_nb), LSB-first (differentiable)."""
     n, k = a.shape
     p, q = torch.sigmoid(a), torch.sigmoid(-a)  # q computed directly: no 1 - p cancellation
-    if a.requires_grad and torch.is_grad_enabled():  # differentiable (out-of-place) variant
-        res = a.new_ones(n, 1)
-        for b in range(k):
-            res = torch.cat([res * q[:, b : b + 1], res * p[:, b : b + 1]], 1)
-        return res
-    out = a.new_empty(n, 1 << k) if out is None else out
-    out[:, :1] = 1
+    out = a.new_ones(n, 1)
+    for b in range(k):
+        out = torch.cat([out * q[:, b : b + 1], out * p[:, b : b + 1]], 1)
+    return out
+
+
+def flush_threshold(dtype: torch.dtype) -> float:
+    """sqrt of the smallest normal number: entries below it are flushed to 0 in the GEMM path.
+
+    A product of two flushed entries is then normal or exactly 0: denormal operands slow x86 FMAs
+    down 10-100x (saturated sigmoids at small temperatures produce them in bulk). The flushed mass
+    is below 2^-62 per token (fp32; 2^-510 in fp64), far under the result's rounding error.
+    """
+    return 2.0**-62 if dtype != torch.float64 else 2.0**-510
+
+
+def half_probs_t(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a [n, k] -> P^T [2^k, n] (codes major, so each doubling step is a contiguous block), flushed.
+
+    Built by doubling in place: after bit b the first 2^(b+1) rows hold the codes of bits 0..b.
+    """
+    n, k = a.shape
+    thr = flush_threshold(a.dtype)
+    at = a.t()
+    p, q = F.threshold(torch.sigmoid(at), thr, 0.0), F.threshold(torch.sigmoid(-at), thr, 0.0)
+    out = a.new_empty(1 << k, n) if out is None else out
+    out[:1] = 1
     for b in range(k):
         w = 1 << b
-        torch.mul(out[:, :w], p[:, b : b + 1], out=out[:, w : 2 * w])
-        out[:, :w].mul_(q[:, b : b + 1])
+        torch.mul(out[:w], p[b], out=out[w : 2 * w])
+        out[:w].mul_(q[b])
+        F.threshold_(out[: 2 * w], thr, 0.0)
     return out
 
 
@@ -185,19 +203,20 @@ def pbar_sum(a: torch.Tensor, b1: int, chunk: int) -> torch.Tensor:
     n, bits = a.shape
     b2 = bits - b1
     acc = a.new_zeros(1 << b1, 1 << b2)
-    buf1, buf2 = a.new_empty(min(chunk, n), 1 << b1), a.new_empty(min(chunk, n), 1 << b2)
+    m0 = min(chunk, n)
+    buf1, buf2 = a.new_empty(1 << b1, m0), a.new_empty(1 << b2, m0)
     for r in range(0, n, chunk):
         ac = a[r : r + chunk]
         m = ac.shape[0]
-        p1, p2 = half_probs(ac[:, :b1], buf1[:m]), half_probs(ac[:, b1:], buf2[:m])
-        acc.addmm_(p1.t(), p2)
+        p1t, p2t = half_probs_t(ac[:, :b1], buf1[:, :m]), half_probs_t(ac[:, b1:], buf2[:, :m])
+        acc.addmm_(p1t, p2t.t())
     return acc
 
 
-def _half_grad(p_half: torch.Tensor, dp: torch.Tensor, a_half: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """d/da of sum_c dp[n, c] P[n, c] with d log P/d a_nb = bit_b(c) - p_nb. dp is overwritten."""
-    w = dp.mul_(p_half)
-    return w @ bits - torch.sigmoid(a_half) * w.sum(1, keepdim=True)
+def _half_grad(pt: torch.Tensor, dpt: torch.Tensor, a_half: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """[m, k]: d/da of sum_c dP[c, n] P[c, n] with d log P/d a_nb = bit_b(c) - p_nb. dpt is overwritten."""
+    w = dpt.mul_(pt)  # [2^k, m]
+    return torch.mm(w.t(), bits) - torch.sigmoid(a_half) * w.sum(0)[:, None]
 
 
 def pbar_backward(a: torch.Tensor, b1: int, chunk: int, g: torch.Tensor) -> torch.Tensor:
@@ -207,16 +226,16 @@ def pbar_backward(a: torch.Tensor, b1: int, chunk: int, g: torch.Tensor) -> torc
     bits1, bits2 = bits_matrix(b1, a.dtype, a.device), bits_matrix(b2, a.dtype, a.device)
     grad = torch.empty_like(a)
     m0 = min(chunk, n)
-    buf1, buf2 = a.new_empty(m0, 1 << b1), a.new_empty(m0, 1 << b2)
-    dbuf1, dbuf2 = a.new_empty(m0, 1 << b1), a.new_empty(m0, 1 << b2)
+    buf1, buf2 = a.new_empty(1 << b1, m0), a.new_empty(1 << b2, m0)
+    dbuf1, dbuf2 = a.new_empty(1 << b1, m0), a.new_empty(1 << b2, m0)
     for r in range(0, n, chunk):
         ac = a[r : r + chunk]
         m = ac.shape[0]
-        p1, p2 = half_probs(ac[:, :b1], buf1[:m]), half_probs(ac[:, b1:], buf2[:m])
-        dp1 = torch.mm(p2, g.t(), out=dbuf1[:m])
-        dp2 = torch.mm(p1, g, out=dbuf2[:m])
-        grad[r : r + m, :b1] = _half_grad(p1, dp1, ac[:, :b1], bits1)
-        grad[r : r + m, b1:] = _half_grad(p2, dp2, ac[:, b1:], bits2)
+        p1t, p2t = half_probs_t(ac[:, :b1], buf1[:, :m]), half_probs_t(ac[:, b1:], buf2[:, :m])
+        dp1t = torch.mm(g, p2t, out=dbuf1[:, :m])  # dP1^T = G P2^T
+        dp2t = torch.mm(g.t(), p1t, out=dbuf2[:, :m])  # dP2^T = G^T P1^T
+        grad[r : r + m, :b1] = _half_grad(p1t, dp1t, ac[:, :b1], bits1)
+        grad[r : r + m, b1:] = _half_grad(p2t, dp2t, ac[:, b1:], bits2)
     return grad
 
 
