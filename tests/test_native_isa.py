@@ -1,0 +1,144 @@
+"""The cpp nearest-code kernel under every SIMD level this CPU has, against the float64 oracle,
+plus the argument checks of its pybind11 binding."""
+
+import pytest
+import torch
+
+from oracle import nearest_f64
+from vqtok.ops import nearest_code
+from vqtok.ops.dispatch import unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason("cpp") is not None, reason="cpp backend not built")
+
+_LEVELS = ("scalar", "avx2", "avx512")
+
+
+def _isa_levels():
+    if unavailable_reason("cpp") is not None:
+        return []
+    from vqtok import _C
+
+    best = _LEVELS.index(_C.detected_isa())
+    return list(_LEVELS[: best + 1])
+
+
+@pytest.fixture(params=_isa_levels() or ["none"])
+def isa(request, monkeypatch):
+    from vqtok import _C
+
+    monkeypatch.setenv("VQTOK_ISA", request.param)
+    assert _C.active_isa() == request.param  # the variable is read at call time
+    return request.param
+
+
+def _raw(x, c, fast=False):
+    """Calls the binding directly: returns (idx, dist, rows re-decided, isa that ran)."""
+    from vqtok import _C
+
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
+    x, c = x.contiguous(), c.contiguous()
+    idx = torch.empty(x.shape[0], dtype=torch.int64)
+    dist = torch.empty(x.shape[0], dtype=torch.float32)
+    redo, ran = _C.nearest_code_l2(
+        x.data_ptr(), c.data_ptr(), x.shape[0], c.shape[0], x.shape[1], code, fast, idx.data_ptr(), dist.data_ptr()
+    )
+    return idx, dist, redo, ran
+
+
+def _check(x, c, isa, precision="exact"):
+    idx, dist = nearest_code(x, c, backend="cpp", precision=precision)
+    ref_idx, ref_dist = nearest_f64(x.float(), c.float())
+    bad = (idx != ref_idx).nonzero().squeeze(1)
+    assert bad.numel() == 0, f"[{isa}] {bad.numel()} rows differ, e.g. rows {bad[:5].tolist()}: got {idx[bad[:5]].tolist()} want {ref_idx[bad[:5]].tolist()}"
+    torch.testing.assert_close(dist.double(), ref_dist, rtol=1e-5, atol=1e-5 * (1 + ref_dist.abs().max().item()))
+    return idx
+
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (9, 47, 33), (53, 1000, 8), (23, 700, 16), (17, 130, 257), (13, 65537, 2)])
+def test_shapes(isa, n, k, d):
+    _check(torch.randn(n, d), torch.randn(k, d), isa)
+
+
+def test_multi_panel_ties_across_panel_edge(isa):
+    # d=64 packs 4096 codes per ~1 MiB panel: K=9000 spans three panels; identical codes on
+    # both sides of each panel edge must resolve to the lower index
+    k, d = 9000, 64
+    c = torch.randn(k, d)
+    best = torch.randn(d)
+    for p in (4095, 4096, 8191, 8192):
+        c[p] = best
+    x = best + 1e-3 * torch.randn(37, d)
+    idx = _check(x, c, isa)
+    assert (idx == 4095).all()
+
+
+def test_near_ties_are_redecided(isa):
+    # integer grids tie exactly in fp32 scores: every such row must go through the re-decision
+    # (more rows than one re-decision block, so several blocks run)
+    x = torch.randint(-2, 3, (150, 5)).float()
+    c = torch.randint(-2, 3, (300, 5)).float()
+    _check(x, c, isa)
+    _, _, redo, ran = _raw(x, c)
+    assert ran == isa and redo > 40
+
+
+def test_large_offset_and_huge_values(isa):
+    x = 1000 + torch.randn(40, 32)
+    c = 1000 + torch.randn(90, 32)
+    _check(x, c, isa)
+    # values past the range the fp32 bound covers take the plain direct-form scan
+    x2, c2 = torch.randn(5, 3) * 5e17, torch.randn(20, 3) * 5e17
+    c2[0, 0] = 2e18
+    _check(x2, c2, isa)
+    assert _raw(x2, c2)[2] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(isa, dtype):
+    x, c = torch.randn(41, 19).to(dtype), torch.randn(333, 19).to(dtype)
+    c[7] = c[300]  # a duplicate pair: the lower index wins
+    x[0] = c[300]
+    idx = _check(x, c, isa)
+    assert idx[0] == 7
+
+
+def test_fast_mode_gives_the_exact_answer(isa):
+    x, c = torch.randn(64, 24), torch.randn(500, 24)
+    _check(x, c, isa, precision="fast")
+
+
+def test_tiny_scale(isa):
+    _check(torch.randn(30, 12) * 1e-20, torch.randn(80, 12) * 1e-20, isa)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n=-1), "n \\(rows of x\\) must be >= 0"),
+        (dict(k=0), "k \\(codes\\) must be in \\[1, 2\\^31\\)"),
+        (dict(k=2**31), "k \\(codes\\) must be in"),
+        (dict(d=0), "d \\(feature dim\\) must be in"),
+        (dict(dtype=3), "dtype code must be 0 \\(float32\\), 1 \\(float16\\) or 2 \\(bfloat16\\), got 3"),
+        (dict(codebook=0), "codebook pointer is null"),
+        (dict(x=0), "x, out_idx and out_dist pointers must be non-null"),
+        (dict(out_idx=0), "x, out_idx and out_dist pointers must be non-null"),
+    ],
+)
+def test_binding_rejects_bad_arguments(kwargs, match):
+    from vqtok import _C
+
+    x, c = torch.randn(4, 3), torch.randn(5, 3)
+    idx, dist = torch.empty(4, dtype=torch.int64), torch.empty(4)
+    args = dict(x=x.data_ptr(), codebook=c.data_ptr(), n=4, k=5, d=3, dtype=0, fast=False,
+                out_idx=idx.data_ptr(), out_dist=dist.data_ptr())
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        _C.nearest_code_l2(**args)
+
+
+def test_backend_rejects_mismatched_dtypes():
+    from vqtok.ops.dispatch import resolve
+
+    impl = resolve("nearest_code_l2", "cpp", torch.device("cpu"))
+    with pytest.raises(TypeError, match="one dtype"):
+        impl(torch.randn(3, 2), torch.randn(4, 2, dtype=torch.float64), "exact")
