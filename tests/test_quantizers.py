@@ -105,3 +105,276 @@ def test_codebook_sizes():
     assert BSQ(16).codebook_size == 2**16
     assert ResidualVQ(4, 8, 3).codebook_size == 8
     assert SimVQ(4, 8).codebook_size == 8
+
+
+# --------------------------------------------------------------------------------------------
+# EMA, estimators, gradients
+# --------------------------------------------------------------------------------------------
+def test_ema_update_matches_hand_computed_step():
+    m = VectorQuantizer(2, 3, decay=0.9, eps=0.1, beta=0.0)
+    cb = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    cs = torch.tensor([2.0, 1.0, 1.0])
+    m.codebook.copy_(cb)
+    m.cluster_size.copy_(cs)
+    m.embed_sum.copy_(cb * cs[:, None])
+    x = torch.tensor([[1.0, 1.0], [9.0, 1.0], [11.0, -1.0], [-1.0, 0.0]])  # -> codes 0, 1, 1, 0
+    out = m(x)
+    assert out.indices.tolist() == [0, 1, 1, 0]
+    counts = torch.tensor([2.0, 2.0, 0.0])
+    sums = torch.tensor([[0.0, 1.0], [20.0, 0.0], [0.0, 0.0]])
+    new_cs = 0.9 * cs + 0.1 * counts
+    new_es = 0.9 * cb * cs[:, None] + 0.1 * sums
+    n = new_cs.sum()
+    smoothed = (new_cs + 0.1) / (n + 3 * 0.1) * n
+    assert torch.allclose(m.cluster_size, new_cs)
+    assert torch.allclose(m.embed_sum, new_es)
+    assert torch.allclose(m.codebook, new_es / smoothed[:, None], atol=1e-6)
+    # the output used the codebook before the update
+    assert torch.equal(out.quantized, cb[[0, 1, 1, 0]])
+
+
+def test_rotation_trick_forward_equal_gradient_differs():
+    torch.manual_seed(1)
+    z = torch.randn(64, 8)
+    a = VectorQuantizer(8, 16, estimator="ste")
+    b = VectorQuantizer(8, 16, estimator="rotation")
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+    target = torch.randn(64, 8)
+    qa, qb = a(za).quantized, b(zb).quantized
+    assert torch.equal(qa, qb)
+    ((qa - target) ** 2).sum().backward()
+    ((qb - target) ** 2).sum().backward()
+    g = 2 * (qa.detach() - target)
+    assert torch.equal(za.grad, g)  # STE: the identity
+    assert not torch.allclose(za.grad, zb.grad, atol=1e-3)
+    # rotation trick gradient = autograd of lam * R x with lam and R held constant
+    x, q = z.double(), qa.detach().double()
+    xh, qh = x / x.norm(dim=1, keepdim=True), q / q.norm(dim=1, keepdim=True)
+    r = (xh + qh) / (xh + qh).norm(dim=1, keepdim=True)
+    lam = q.norm(dim=1, keepdim=True) / x.norm(dim=1, keepdim=True)
+    xr = x.clone().requires_grad_()
+    rot = lam * (xr - 2 * r * (r * xr).sum(1, keepdim=True) + 2 * qh * (xh * xr).sum(1, keepdim=True))
+    assert torch.allclose(rot, q, atol=1e-9)  # R x / |x| * |q| is q
+    rot.backward(g.double())
+    assert torch.allclose(zb.grad.double(), xr.grad, atol=1e-5)
+    assert torch.allclose(rotation_grad(x, q, g.double()), xr.grad, atol=1e-10)
+
+
+def test_grad_codebook_and_projections_receive_gradients():
+    m = VectorQuantizer(6, 10, codebook_dim=3, learning="grad")
+    z = torch.randn(4, 6, 5, requires_grad=True)
+    out = m(z)
+    (out.quantized.square().sum() + out.loss).backward()
+    assert m.codebook.grad is not None and m.codebook.grad.abs().sum() > 0
+    for p in (*m.in_proj.parameters(), *m.out_proj.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    s = SimVQ(6, 10)
+    out = s(torch.randn(30, 6))
+    out.loss.backward()
+    assert s.proj.weight.grad.abs().sum() > 0 and s.frozen_codebook.requires_grad is False
+
+
+def test_ema_codebook_is_not_a_parameter_and_commitment_only():
+    m = VectorQuantizer(4, 8, beta=0.5)
+    assert [n for n, _ in m.named_parameters()] == []
+    z = torch.randn(20, 4, requires_grad=True)
+    out = m(z)
+    q = out.quantized.detach()
+    assert torch.allclose(out.loss, 0.5 * F.mse_loss(z, q))
+
+
+@pytest.mark.skipif(not HAS_ENTROPY, reason="vqtok.ops.lfq_entropy missing")
+@pytest.mark.parametrize("cls", [LFQ, BSQ])
+def test_lfq_bsq_entropy_loss(cls):
+    from vqtok.ops.lfq_entropy import lfq_entropy
+
+    m = cls(8, entropy_weight=0.3, per_sample_weight=1.0, codebook_weight=0.7, commitment_weight=0.25)
+    z = torch.randn(64, 8, requires_grad=True)
+    out = m(z)
+    h = F.normalize(z, dim=1) if cls is BSQ else z
+    scale = 8**-0.5 if cls is BSQ else 1.0
+    codes = torch.where(h > 0, scale, -scale)
+    assert torch.equal(out.quantized, codes)
+    ps, cb = lfq_entropy(h, temperature=1.0, scale=scale)
+    expect = 0.25 * F.mse_loss(h, codes) + 0.3 * (ps - 0.7 * cb)
+    assert torch.allclose(out.loss, expect, atol=1e-6)
+    out.loss.backward()
+    assert z.grad.abs().sum() > 0
+    if cls is BSQ:
+        assert torch.allclose(out.quantized.norm(dim=1), torch.ones(64))
+
+
+def test_rvq_residuals_and_dropout():
+    torch.manual_seed(0)
+    z = torch.randn(200, 6)
+    m = ResidualVQ(6, 16, 4, kmeans_init=True, kmeans_iters=2)
+    m.train()
+    m(z)
+    m.eval()
+    idx = m.encode(z)
+    errs = [(z - m.decode(torch.where(torch.arange(4) < d, idx, -1))).square().mean() for d in range(5)]
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs  # each layer lowers the error
+    d = ResidualVQ(6, 16, 4, quantizer_dropout=1.0, seed=3)
+    depths = []
+    for _ in range(8):
+        out = d(z)
+        used = (out.indices >= 0).all(0)
+        n = int(used.sum())
+        assert bool(used[:n].all()) and not bool(used[n:].any())  # a prefix of the layers
+        assert bool((out.indices[:, n:] == -1).all())
+        depths.append(n)
+    assert len(set(depths)) > 1
+    d2 = ResidualVQ(6, 16, 4, quantizer_dropout=1.0, seed=3)
+    d2.load_state_dict(d.state_dict())  # the same step counter and seed: the same draw
+    d.steps.zero_(), d2.steps.zero_()
+    assert torch.equal((d(z).indices >= 0), (d2(z).indices >= 0))
+
+
+# --------------------------------------------------------------------------------------------
+# collapse vs k-means + restarts on real photo patches
+# --------------------------------------------------------------------------------------------
+def photo_patches(n: int, p: int = 4, seed: int = 0) -> torch.Tensor:
+    """n random p x p x 3 patches (D = 3 p^2, values in [-1, 1]) from six scikit-image photos."""
+    import numpy as np
+    from skimage import data
+
+    imgs = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry(),
+            data.hubble_deep_field()]
+    rng = np.random.default_rng(seed)
+    per = -(-n // len(imgs))
+    off = torch.arange(p)
+    out = []
+    for im in imgs:
+        im = torch.from_numpy(im).float() / 127.5 - 1
+        ys = torch.from_numpy(rng.integers(0, im.shape[0] - p, per))
+        xs = torch.from_numpy(rng.integers(0, im.shape[1] - p, per))
+        rows = (ys[:, None] + off)[:, :, None].expand(per, p, p)
+        cols = (xs[:, None] + off)[:, None, :].expand(per, p, p)
+        out.append(im[rows, cols].reshape(per, -1))
+    return torch.cat(out)[:n]
+
+
+def _train(m, x, steps, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = None
+    for _ in range(steps):
+        out = m(x[torch.randperm(x.shape[0], generator=g)[:batch]])
+    return out
+
+
+def test_collapse_vs_kmeans_and_restarts_on_photo_patches():
+    x = photo_patches(65536)  # [65536, 48]
+    torch.manual_seed(0)
+    plain = VectorQuantizer(48, 1024)  # random init, no restarts
+    out = _train(plain, x, steps=4, batch=16384)
+    plain.eval()
+    used = torch.unique(plain.encode(x)).numel()
+    assert used < 0.1 * 1024, used  # most codes dead
+    assert float(out.stats["collapse"]) == 1.0 and int(out.stats["dead_codes"]) > 900
+
+    torch.manual_seed(0)
+    good = VectorQuantizer(48, 1024, kmeans_init=True, kmeans_iters=3, dead_code_threshold=1.0)
+    out = _train(good, x, steps=4, batch=16384)
+    good.eval()
+    used = torch.unique(good.encode(x)).numel()
+    assert used >= 0.99 * 1024, used
+    assert float(out.stats["collapse"]) == 0.0 and float(out.stats["ema_usage"]) >= 0.99
+
+
+def test_dead_code_restart_uses_recent_inputs():
+    torch.manual_seed(0)
+    m = VectorQuantizer(4, 16, dead_code_threshold=0.5, decay=0.5)
+    m.codebook[8:] += 100.0  # codes 8.. are far away and never chosen
+    m.embed_sum.copy_(m.codebook * m.cluster_size[:, None])
+    x = torch.randn(256, 4)
+    out = m(x)  # cluster sizes of codes 8.. decay to 0.5 -> not yet below the threshold
+    assert float(out.stats["restarted"]) == 0
+    out = m(x)
+    assert float(out.stats["restarted"]) >= 8
+    # every restarted code is one of the recent inputs
+    for c in m.codebook[8:]:
+        assert bool(((x - c).abs().amax(1) == 0).any())
+    assert bool((m.cluster_size >= 0.5).all())
+
+
+def test_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 5, generator=g) * 20
+    x = (centres[:, None, :] + 0.1 * torch.randn(8, 300, 5, generator=g)).reshape(-1, 5)
+    for init in ("kmeans++", "random"):
+        found, counts = kmeans(x, 8, iters=10, init=init, generator=torch.Generator().manual_seed(1))
+        if init == "kmeans++":  # D^2 seeding picks one seed per cluster here
+            d = torch.cdist(centres, found)
+            assert float(d.min(1).values.max()) < 0.1 and sorted(counts.tolist()) == [300.0] * 8
+        assert found.shape == (8, 5) and counts.sum() == 2400
+    with pytest.raises(ValueError, match="init must be"):
+        kmeans(x, 8, init="bogus")
+
+
+# --------------------------------------------------------------------------------------------
+# AMP, torch.compile, state_dict
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", ["vq-ema", "vq-grad-cos-lowdim", "rvq", "fsq", "lfq", "bsq", "simvq"])
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_autocast_runs_in_fp32(key, amp):
+    m = _build(key).eval()
+    z = torch.randn(2, 12, 6, 7)
+    with torch.no_grad():
+        ref = m(z)
+        with torch.autocast("cpu", dtype=amp):
+            out = m(z)
+            low = m(z.to(amp))  # an encoder that ran in low precision hands over low-precision z
+        assert torch.equal(out.indices, ref.indices)
+        assert out.quantized.dtype == torch.float32 and torch.equal(out.quantized, ref.quantized)
+        assert low.quantized.dtype == amp
+        assert torch.equal(low.indices, m(z.to(amp).float()).indices)
+        assert torch.equal(low.quantized, m(z.to(amp).float()).quantized.to(amp))
+
+
+# aot_eager (traces the backward too) for the most stateful module, dynamo-only "eager" for the rest
+COMPILE_CASES = [("vq-kmeans-restart", "aot_eager"), ("vq-grad-cos-lowdim", "eager"), ("rvq", "eager"),
+                 ("fsq", "eager"), ("lfq", "eager"), ("simvq", "eager")]
+
+
+@pytest.mark.parametrize("key,compile_backend", COMPILE_CASES)
+def test_torch_compile_forward(key, compile_backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _build(key)
+    ref = _build(key)
+    ref.load_state_dict(m.state_dict())
+    z = torch.randn(4, 12, 8, 8, requires_grad=True)
+    cm = torch.compile(m, backend=compile_backend)
+    for _ in range(2):  # training steps, including the k-means init and restarts
+        a, b = cm(z), ref(z)
+        assert torch.equal(a.indices, b.indices)
+        assert torch.allclose(a.quantized, b.quantized, atol=1e-6)
+        (a.quantized.sum() + a.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    m.eval(), ref.eval()
+    assert torch.equal(cm(z).quantized, ref(z).quantized)
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_state_dict_round_trip(key):
+    torch.manual_seed(0)
+    m = _build(key)
+    for _ in range(3):
+        m(torch.randn(64, 12))
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    torch.manual_seed(123)
+    m2 = _build(key)
+    m2.load_state_dict(torch.load(buf))
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys()
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    if hasattr(m, "cluster_size"):
+        assert "cluster_size" in sd and "health.histogram" in sd and "health.ema_probs" in sd
+    m.eval(), m2.eval()
+    z = torch.randn(3, 12, 5)
+    assert torch.equal(m(z).quantized, m2(z).quantized)

@@ -101,7 +101,7 @@ def kmeans(
         centres = torch.where(empty[:, None], centres, sums / counts.clamp_min(1)[:, None])
         n_empty = int(empty.sum())
         if n_empty:  # re-seed with the worst-served points
-            far = torch.topk(dist, min(n_empty, x.shape[0])).indices
+            far = torch.sort(dist, descending=True, stable=True).indices[:n_empty]
             far = far[torch.arange(n_empty, device=far.device) % far.numel()]
             centres[empty] = x[far]
         if metric == "cosine":
