@@ -17,10 +17,10 @@ half-codebook matrix ``pbar[c1, c2]`` holds the usage of code index ``c1 + 2^B1 
 
 ``eps_mode`` picks the entropy formula: ``exact`` (-p log p, 0 log 0 = 0, no clamp: uniform usage
 of 2^18 codes is pbar ~ 3.8e-6, below the peers' 1e-5), ``vqtorch`` (vector-quantize-pytorch:
-``-p log(max(p, 1e-5))`` on both terms), ``magvit`` (Open-MAGVIT2: ``-p log(p + 1e-5)`` on both terms).
-The compatibility per-sample terms do not factorise over bits; ``vqtorch``'s is computed exactly in
-O(N 2^B1 B2) time by sorting one half's log-probabilities, ``magvit``'s in O(N 2^B) time (chunked,
-bounded memory): prefer ``exact`` for large codebooks.
+``-p log(max(p, 1e-5))`` on both terms), ``magvit`` (MAGVIT / Open-MAGVIT2 ``compute_entropy_loss``:
+codebook ``-pbar log(pbar + 1e-5)``; their per-sample term is ``log_softmax(logits / tau + 1e-5)``,
+which a constant shift leaves exact). ``vqtorch``'s per-sample term does not factorise over bits;
+it is computed exactly in O(N 2^B1 log 2^B2) time by sorting one half's log-probabilities.
 
 DDP: when ``torch.distributed`` is initialised (or ``process_group`` is given) both values are the
 global-batch ones (pbar and the per-sample sum are all-reduced, divided by the global token count).
@@ -285,20 +285,10 @@ def _per_token_vqtorch(a: torch.Tensor, b1: int) -> torch.Tensor:
     return -(l1.exp() * inner).sum(1)
 
 
-def _per_token_magvit(a: torch.Tensor, b1: int) -> torch.Tensor:
-    """[n] of -sum_c p_c log(p_c + eps): O(n 2^B) elementwise work; callers chunk n."""
-    p1, p2 = half_probs(a[:, :b1]), half_probs(a[:, b1:])
-    p = p1[:, :, None] * p2[:, None, :]
-    return -(p * (p + COMPAT_EPS).log()).sum((1, 2))
-
-
-def per_sample_compat_sum(a: torch.Tensor, b1: int, mode: str) -> torch.Tensor:
-    """Summed per-token compat entropy, differentiable w.r.t. a; gradients computed chunk by chunk."""
+def per_sample_vqtorch_sum(a: torch.Tensor, b1: int) -> torch.Tensor:
+    """Summed per-token vqtorch entropy, differentiable w.r.t. a; gradients computed chunk by chunk."""
     n, bits = a.shape
-    if mode == "vqtorch":
-        fn, rows = _per_token_vqtorch, max(1, (1 << 21) // ((1 << b1) * 4 + (1 << (bits - b1))))
-    else:
-        fn, rows = _per_token_magvit, max(1, (1 << 21) // (1 << bits))
+    fn, rows = _per_token_vqtorch, max(1, (1 << 21) // ((1 << b1) * 4 + (1 << (bits - b1))))
     value = a.new_zeros(())
     grad = torch.zeros_like(a) if a.requires_grad else None
     for r in range(0, n, rows):
@@ -399,10 +389,10 @@ def lfq_entropy(
             f"B={bits} bits: pbar (2^{bits} floats) is too large for the torch path (B <= {MAX_TORCH_BITS}); "
             "use backend='triton' on a CUDA device"
         )
-    if eps_mode == "exact":
-        ps_sum = per_sample_exact_sum(a)
+    if eps_mode == "vqtorch":
+        ps_sum = per_sample_vqtorch_sum(a, b1)
     else:
-        ps_sum = per_sample_compat_sum(a, b1, eps_mode)
+        ps_sum = per_sample_exact_sum(a)
     per_sample = _GlobalMean.apply(ps_sum, n_global, dist_info)
     if use_triton:
         if dist_info is not None:
