@@ -244,3 +244,22 @@ def test_gpu_large_matches_oracle(d):
         idx, _ = nearest.search(x, c, precision)
         ref_idx, _ = ref.nearest_code_l2(x, c)
         assert torch.equal(idx, ref_idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU benchmark's measurement code, run at a tiny size on this device
+# ----------------------------------------------------------------------------------------------
+def test_gpu_bench_rows_and_roofline():
+    from vqtok.bench import gpu
+
+    rows = gpu.measure(gpu.GpuBenchConfig.tiny(), DEV, progress=False)
+    assert [r["method"] for r in rows] == ["triton_exact", "triton_fast", "torch_addmm"]
+    for r in rows:
+        assert r["status"] == "ok" and r["ms"] > 0 and r["agree"] == 1.0
+        assert r["pairs_per_s"] == pytest.approx(512 * 300 / (r["ms"] * 1e-3))
+    assert "redo_fast" in rows[1] and "redo_exact" in rows[0]
+    # D = 8: the fast path is epilogue-bound; D = 256: GEMM-bound (bf16 tensor cores)
+    n, k = 1 << 18, 65536
+    assert gpu.roofline_pairs_per_s("triton_fast", n, k, 8) == pytest.approx(gpu.R_CORE / gpu.C_EPI)
+    assert gpu.roofline_pairs_per_s("triton_fast", n, k, 256) == pytest.approx(989e12 / 512)
+    assert gpu.roofline_pairs_per_s("triton_exact", n, k, 256) == pytest.approx(gpu.R_CORE / 260)
