@@ -177,6 +177,33 @@ def _report_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", default=None,
+                   help="comma-separated suites to run (default: all): elementwise, nearest, entropy, modules, gpu")
+    p.add_argument("--quick", action="store_true", help="smaller grids and fewer repetitions (about a minute)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long smoke sizes, for tests
+    p.add_argument("--json", default=None, metavar="PATH", help="write rows and machine info as JSON here")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG of nearest-code time vs K per D here (when the nearest suite ran)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for bench.json, bench.txt and nearest.png (unless --json/--plot say otherwise)")
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    from vqtok.bench import run_bench
+
+    try:
+        results = run_bench(args.suite, quick=args.quick, tiny=args.tiny, json_path=args.json,
+                            plot_path=args.plot, out_dir=args.out)
+    except ValueError as e:
+        print(f"vqtok bench: {e}", file=sys.stderr)
+        return 2
+    return 1 if any(s["status"] == "error" for s in results["suites"].values()) else 0
+
+
 _COMMANDS: list[tuple[str, str, Callable, Callable]] = [
     ("info", "show the version, the available backends and how the extension was built", _info_args, _info_run),
     ("encode", "encode a dataset into token shards (resumable; torchrun for several processes)", _encode_args,
@@ -188,6 +215,7 @@ _COMMANDS: list[tuple[str, str, Callable, Callable]] = [
      _eval_args, _eval_run),
     ("report", "rebuild the HTML report of a run folder from its eval results and training log", _report_args,
      _report_run),
+    ("bench", "run benchmark suites: tables, JSON with machine info, nearest-code plot", _bench_args, _bench_run),
 ]
 
 

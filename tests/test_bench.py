@@ -1,0 +1,74 @@
+"""`vqtok bench`: the CLI writes a table, JSON with machine info and a PNG; the registry tolerates
+missing suites; derived fractions and the plot use real measurements."""
+
+import json
+import time
+
+import pytest
+import torch
+
+import vqtok.bench as bench
+from vqtok.bench.report import add_derived, format_table, plot_nearest
+from vqtok.cli import main
+from vqtok.ops import nearest_code
+from vqtok.ops.dispatch import unavailable_reason
+
+
+def test_cli_elementwise_tiny(tmp_path, capsys):
+    js, png = tmp_path / "b.json", tmp_path / "p.png"
+    rc = main(["bench", "--tiny", "--suite", "elementwise", "--json", str(js), "--plot", str(png), "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "== elementwise" in out and "speedup_vs_peer" in out and "machine:" in out
+    data = json.loads(js.read_text())
+    m = data["machine"]
+    assert m["memcpy_gbps"] > 0 and m["fma_peak_gflops"] > 0 and m["cores"] >= 1
+    suite = data["suites"]["elementwise"]
+    assert suite["status"] == "ok"
+    rows = {(r["op"], r["backend"]): r for r in suite["rows"]}
+    expect = {("fsq", "torch"), ("lfq", "torch")}
+    if unavailable_reason("cpp") is None:
+        expect |= {("fsq", "cpp"), ("lfq", "cpp")}
+    assert expect <= set(rows)
+    for key in expect:
+        r = rows[key]
+        assert r["ms"] > 0 and r["bytes"] > 0
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] * 1e-3) / 1e9)
+        assert r["frac_memcpy"] == pytest.approx(r["gbps"] / m["memcpy_gbps"])
+    # the nearest suite did not run: no plot, and the reason is printed
+    assert not png.exists() and "plot: skipped" in out
+    assert (tmp_path / "bench.txt").read_text().startswith("== elementwise")
+
+
+def test_registry_skips_missing_suite(monkeypatch):
+    monkeypatch.setitem(bench.SUITES, "absent", ("vqtok.bench._no_such_suite", "a suite that is not installed"))
+    res = bench.run_suite("absent", tiny=True)
+    assert res["status"] == "skipped" and "_no_such_suite" in res["reason"] and res["rows"] == []
+    with pytest.raises(ValueError, match="unknown suite"):
+        bench.run_suite("nope")
+
+
+def test_cli_rejects_unknown_suite(capsys):
+    assert main(["bench", "--suite", "elementwise,bogus", "--tiny"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_plot_nearest_from_measured_rows(tmp_path):
+    """Time real nearest_code calls over a tiny grid and plot them (one panel per D)."""
+    rows = []
+    backends = [b for b in ("torch", "cpp") if unavailable_reason(b) is None]
+    for d in (4, 16):
+        for k in (64, 256):
+            x, c = torch.randn(256, d), torch.randn(k, d)
+            for b in backends:
+                t0 = time.perf_counter()
+                nearest_code(x, c, backend=b)
+                rows.append({"D": d, "K": k, "backend": b, "ms": (time.perf_counter() - t0) * 1e3, "gflops": 1.0})
+    path = plot_nearest(rows, tmp_path / "n.png")
+    assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    add_derived(rows, {"fma_peak_gflops": 4.0, "memcpy_gbps": 10.0})
+    assert all(r["frac_peak"] == 0.25 for r in rows)
+    table = format_table(rows)
+    assert table.splitlines()[0].split() == ["D", "K", "backend", "ms", "gflops", "frac_peak"]
+    assert len(table.splitlines()) == 2 + len(rows)
+    assert plot_nearest([{"op": "fsq", "ms": 1.0}], tmp_path / "none.png") is None
