@@ -249,3 +249,27 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, saved):
     assert all(torch.equal(a[i], b[i]) for i in range(len(a)))  # same tokens per key
     assert _files(out) == _files(ref)  # and in fact the same bytes
     verify_export(out, saved["image"], progress=False)
+
+
+def test_train_tiny_gpt_example_learns_from_exported_tokens(tmp_path, saved):
+    import importlib.util
+
+    out = tmp_path / "tokens"
+    encode_dataset(saved["image"], "builtin:images", out, layout="bin", shard_size=8, limit=20, progress=False)
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_gpt.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_gpt", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention
+    try:
+        losses = example.main(["--tokens", str(out), "--steps", "30", "--block-size", "32", "--batch-size", "8",
+                               "--dim", "32", "--layers", "1"])
+        per_sample = example.main(["--tokens", str(out), "--steps", "2", "--per-sample", "--block-size", "100",
+                                   "--dim", "32", "--layers", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(losses) == 30 and np.isfinite(losses).all()
+    assert abs(losses[0] - np.log(64)) < 0.2  # starts near uniform over the 64 codes
+    assert np.mean(losses[-5:]) < np.log(64) - 0.5  # and learns the token statistics
+    assert len(per_sample) == 2 and abs(per_sample[0] - np.log(65)) < 0.2  # vocab + BOS
