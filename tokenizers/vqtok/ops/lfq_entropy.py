@@ -395,11 +395,9 @@ def lfq_entropy(
         ps_sum = per_sample_exact_sum(a)
     per_sample = _GlobalMean.apply(ps_sum, n_global, dist_info)
     if use_triton:
-        if dist_info is not None:
-            raise NotImplementedError("lfq_entropy: the fused triton path does not support process groups yet")
         from .triton.lfq_entropy import codebook_entropy_fused
 
-        codebook = codebook_entropy_fused(a, b1, eps_mode)
+        codebook = codebook_entropy_fused(a, b1, eps_mode, dist_info)
     else:
         rows = _chunk_rows(a.shape[0], b1, bits - b1, chunk)
         codebook = _CodebookEntropyTorch.apply(a, b1, rows, eps_mode, dist_info, n_global)

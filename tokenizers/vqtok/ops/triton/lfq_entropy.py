@@ -12,6 +12,8 @@ Backward: the program recomputes its pbar tile (a second N loop), forms G, then 
 dP1 = P2 G^T, dP2 = P1 G, W = dP * P, and adds T[n, b] = sum_c W[n, c] bit_b(c) and
 S[n] = sum_c W[n, c] into [N, B] / [N, 2] buffers with atomics; torch finishes
 grad[n, b] = T[n, b] - sigma(a_nb) S[n, half(b)]. Memory: O(N B), whatever 2^B is.
+Under DDP the logits are all-gathered (N_global x B floats, small) so each rank sees the global
+pbar; the gradient loop covers the rank's own rows only.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ def _bits_tile(codes, BPAD: tl.constexpr, NBITS: tl.constexpr):
 
 @triton.jit
 def _entropy_bwd_kernel(
-    lp_ptr, lq_ptr, t_ptr, s_ptr,  # t: [N, B] fp32 zeroed; s: [N, 2] fp32 zeroed
+    lp_ptr, lq_ptr, t_ptr, s_ptr,  # t: [n_grad, B] fp32 zeroed; s: [n_grad, 2] fp32 zeroed
     n_tokens, stride_n, inv_n, g_scale, shift,
+    grad_row0, n_grad,  # gradients for rows grad_row0 .. grad_row0 + n_grad - 1 (this rank's tokens)
     B1: tl.constexpr, B2: tl.constexpr, BPAD: tl.constexpr,  # BPAD: pow2 >= max(B1, B2, 16)
     MODE: tl.constexpr, EPS: tl.constexpr, LOG_THR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_1: tl.constexpr, BLOCK_2: tl.constexpr,
@@ -116,11 +119,13 @@ def _entropy_bwd_kernel(
     g = tl.where(valid, (fp - shift) * g_scale, 0.0)  # [BLOCK_1, BLOCK_2]
     bits1, bits2 = _bits_tile(c1, BPAD, B1), _bits_tile(c2, BPAD, B2)
     col = tl.arange(0, BPAD)
-    for n0 in range(0, n_tokens, BLOCK_N):
-        rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        row_ok = rows < n_tokens
+    for n0 in range(0, n_grad, BLOCK_N):
+        out_rows = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = out_rows < n_grad
+        rows = out_rows + grad_row0
         p1 = _build_half(lp_ptr, lq_ptr, rows, row_ok, c1, stride_n, 0, B1, BLOCK_N, BLOCK_1, LOG_THR)
         p2 = _build_half(lp_ptr, lq_ptr, rows, row_ok, c2, stride_n, B1, B2, BLOCK_N, BLOCK_2, LOG_THR)
+        rows = out_rows
         w1 = tl.dot(p2, tl.trans(g), input_precision="ieee") * p1  # [BLOCK_N, BLOCK_1]
         w2 = tl.dot(p1, g, input_precision="ieee") * p2  # [BLOCK_N, BLOCK_2]
         t1 = tl.dot(w1, bits1, input_precision="ieee")  # [BLOCK_N, BPAD]
@@ -140,13 +145,35 @@ def _launch_cfg(b1: int, b2: int):
     return block_1, block_2, grid, bpad
 
 
+def _gather_rows(t: torch.Tensor, dist_info) -> tuple[torch.Tensor, int]:
+    """All ranks' rows of t [n_local, B] concatenated in rank order, and this rank's first row."""
+    import torch.distributed as dist
+
+    group, world = dist_info
+    counts = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    all_counts = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(all_counts, counts, group=group)
+    sizes = [int(c.item()) for c in all_counts]
+    padded = t.new_zeros(max(sizes), t.shape[1])
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    return torch.cat([p[:m] for p, m in zip(parts, sizes)]), sum(sizes[:rank])
+
+
 class _CodebookEntropyFused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b1, mode):
+    def forward(ctx, a, b1, mode, dist_info):
         a32 = a.detach().to(torch.float32).contiguous()
-        n, bits = a32.shape
+        n_local, bits = a32.shape
         b2 = bits - b1
-        lp, lq = torch.nn.functional.logsigmoid(a32), torch.nn.functional.logsigmoid(-a32)
+        row0 = 0
+        a_all = a32
+        if dist_info is not None:  # every rank computes the global pbar tiles from all ranks' logits
+            a_all, row0 = _gather_rows(a32, dist_info)
+        n = a_all.shape[0]
+        lp, lq = torch.nn.functional.logsigmoid(a_all), torch.nn.functional.logsigmoid(-a_all)
         block_1, block_2, grid, _ = _launch_cfg(b1, b2)
         part = torch.empty(grid[0] * grid[1], 3, dtype=torch.float32, device=a.device)
         _entropy_fwd_kernel[grid](
@@ -155,28 +182,36 @@ class _CodebookEntropyFused(torch.autograd.Function):
         )
         tot = part.to(torch.float64).sum(0)
         ctx.save_for_backward(a32, lp, lq)
-        ctx.b1, ctx.mode, ctx.in_dtype = b1, mode, a.dtype
+        ctx.b1, ctx.mode, ctx.in_dtype, ctx.row0 = b1, mode, a.dtype, row0
+        ctx.world = dist_info[1] if dist_info is not None else 1
         ctx.shift = float(tot[1] / tot[2]) if float(tot[2]) > 0 else 0.0
         return tot[0].to(a.dtype)
 
     @staticmethod
     def backward(ctx, gh):
         a32, lp, lq = ctx.saved_tensors
-        n, bits = a32.shape
+        n_local, bits = a32.shape
+        n = lp.shape[0]
         b1, b2 = ctx.b1, bits - ctx.b1
         block_1, block_2, grid, bpad = _launch_cfg(b1, b2)
-        t = torch.zeros(n, bits, dtype=torch.float32, device=a32.device)
-        s = torch.zeros(n, 2, dtype=torch.float32, device=a32.device)
-        _entropy_bwd_kernel[grid](
-            lp, lq, t, s, n, bits, 1.0 / n, float(gh) / n, ctx.shift,
-            B1=b1, B2=b2, BPAD=bpad, MODE=_MODES[ctx.mode], EPS=_EPS, LOG_THR=_LOG_THR,
-            BLOCK_N=32, BLOCK_1=block_1, BLOCK_2=block_2,
-        )
-        half = torch.cat([s[:, :1].expand(n, b1), s[:, 1:].expand(n, b2)], 1)
+        t = torch.zeros(n_local, bits, dtype=torch.float32, device=a32.device)
+        s = torch.zeros(n_local, 2, dtype=torch.float32, device=a32.device)
+        if n_local:
+            _entropy_bwd_kernel[grid](
+                lp, lq, t, s, n, bits, 1.0 / n, float(gh) * ctx.world / n, ctx.shift, ctx.row0, n_local,
+                B1=b1, B2=b2, BPAD=bpad, MODE=_MODES[ctx.mode], EPS=_EPS, LOG_THR=_LOG_THR,
+                BLOCK_N=32, BLOCK_1=block_1, BLOCK_2=block_2,
+            )
+        half = torch.cat([s[:, :1].expand(n_local, b1), s[:, 1:].expand(n_local, b2)], 1)
         grad = t - torch.sigmoid(a32) * half
-        return grad.to(ctx.in_dtype), None, None
+        return grad.to(ctx.in_dtype), None, None, None
 
 
-def codebook_entropy_fused(a: torch.Tensor, b1: int, mode: str) -> torch.Tensor:
-    """H(pbar) for bit logits a [N, B] (a = 4 s z / tau), differentiable; pbar is never materialised."""
-    return _CodebookEntropyFused.apply(a, b1, mode)
+def codebook_entropy_fused(a: torch.Tensor, b1: int, mode: str, dist_info=None) -> torch.Tensor:
+    """H(pbar) for bit logits a [N, B] (a = 4 s z / tau), differentiable; pbar is never materialised.
+
+    With ``dist_info = (group, world)`` the logits of all ranks are all-gathered (N_global x B floats)
+    and every rank evaluates the global pbar tiles; its gradient covers its own rows, scaled by
+    world_size (the DDP mean convention of ``vqtok.ops.lfq_entropy``).
+    """
+    return _CodebookEntropyFused.apply(a, b1, mode, dist_info)
