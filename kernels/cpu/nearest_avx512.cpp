@@ -18,11 +18,26 @@ struct Ops512 {
   static V set1(float x) { return _mm512_set1_ps(x); }
   static I set1i(int32_t x) { return _mm512_set1_epi32(x); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V min(V a, V b) { return _mm512_min_ps(a, b); }
-  static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  // lanes where s < b take `yes`, the others keep `no`
-  static I select_lt(V s, V b, I yes, I no) {
-    return _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(s, b, _CMP_LT_OQ), no, yes);
+  // Lane update with score s of the code group starting at vbase: 4 ops. nl = lanes where s is
+  // not below the best: they keep their index and fold s into the second best; the others move
+  // the old best into the second best.
+  static void update(V& b, V& s2, I& id, V s, I vbase) {
+    const __mmask16 nl = _mm512_cmp_ps_mask(s, b, _CMP_NLT_UQ);
+    id = _mm512_mask_blend_epi32(nl, vbase, id);
+    s2 = _mm512_mask_min_ps(b, nl, s2, s);
+    b = _mm512_min_ps(b, s);
+  }
+  static void reduce_row(const float* pb, const float* ps, const int32_t* pi, float& best,
+                         float& sec, int32_t& code) {
+    const V b = _mm512_load_ps(pb), s = _mm512_load_ps(ps);
+    const I codes = _mm512_add_epi32(_mm512_load_si512(pi),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    best = _mm512_reduce_min_ps(b);
+    const __mmask16 eq = _mm512_cmp_ps_mask(b, _mm512_set1_ps(best), _CMP_EQ_OQ);
+    code = _mm512_mask_reduce_min_epi32(eq, codes);
+    const __mmask16 win = _mm512_cmpeq_epi32_mask(codes, _mm512_set1_epi32(code));
+    const V others = _mm512_mask_mov_ps(b, win, _mm512_set1_ps(__builtin_inff()));
+    sec = _mm512_reduce_min_ps(_mm512_min_ps(s, others));
   }
 };
 

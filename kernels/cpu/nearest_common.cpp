@@ -127,32 +127,6 @@ double direct_dist(const double* x64, const void* cb, DType t, int64_t i, int64_
   return s;
 }
 
-// Folds a block's lane state (rows x W) into the per-row running best / second / index.
-void reduce_lanes(int64_t rows, int w, const float* lb, const float* ls, const int32_t* li,
-                  float* gb, float* gs, int32_t* gi) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* b = lb + r * w;
-    const float* s = ls + r * w;
-    const int32_t* id = li + r * w;
-    int bl = 0;
-    for (int l = 1; l < w; ++l)
-      if (b[l] < b[bl] || (b[l] == b[bl] && id[l] + l < id[bl] + bl)) bl = l;
-    float best = b[bl], sec = kInf;
-    for (int l = 0; l < w; ++l) {
-      sec = std::min(sec, s[l]);
-      if (l != bl) sec = std::min(sec, b[l]);
-    }
-    const int32_t code = id[bl] + bl;
-    if (best < gb[r]) {  // panels arrive in ascending code order: ties keep the earlier one
-      gs[r] = std::min(sec, gb[r]);
-      gb[r] = best;
-      gi[r] = code;
-    } else {
-      gs[r] = std::min(gs[r], best);
-    }
-  }
-}
-
 // Everything one search needs; the panel buffers are shared by the threads.
 struct Search {
   const BlockKernel& kern;
@@ -220,7 +194,7 @@ NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int
   NearestStats stats;
   stats.isa = S.kern.name;
   if (n <= 0) return stats;
-  const int w = S.kern.width, mr = S.kern.mr;
+  const int mr = S.kern.mr;
   const CodebookStats cs = codebook_norms(codebook, dtype, k, d, S.cnorm.data());
 
   // Error bound of a score: gamma_m with m = d + 2 roundings for FMA chains (2d + 2 otherwise).
@@ -245,8 +219,6 @@ NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int
 #pragma omp parallel reduction(+ : exact_rows)
   {
     std::vector<float> xbuf(static_cast<size_t>(std::max(mb, fb) * d));
-    std::vector<float> lb(static_cast<size_t>(mb * w)), ls(lb.size());
-    std::vector<int32_t> li(lb.size());
     std::vector<float> crow(static_cast<size_t>(d));
     std::vector<double> x64(static_cast<size_t>(d));
 
@@ -257,15 +229,10 @@ NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t r0 = blk * mb, rows = std::min(mb, n - r0), rpad = round_up(rows, mr);
-        std::fill(lb.begin(), lb.begin() + rpad * w, kInf);
-        std::fill(ls.begin(), ls.begin() + rpad * w, kInf);
-        std::fill(li.begin(), li.begin() + rpad * w, 0);
-        BlockArgs a{S.load_rows(r0, nullptr, rows, rpad, xbuf.data()), rpad, d, S.panel.data(),
-                    S.pnorm.data(), nch, static_cast<int32_t>(c0), lb.data(), ls.data(),
-                    li.data(), nullptr, 0};
+        BlockArgs a{S.load_rows(r0, nullptr, rows, rpad, xbuf.data()), rpad, rows, d,
+                    S.panel.data(), S.pnorm.data(), nch, static_cast<int32_t>(c0),
+                    gbest.data() + r0, gsec.data() + r0, gidx.data() + r0, nullptr, 0};
         S.kern.run(a);
-        reduce_lanes(rows, w, lb.data(), ls.data(), li.data(), gbest.data() + r0,
-                     gsec.data() + r0, gidx.data() + r0);
       }
     }
 
@@ -317,7 +284,7 @@ NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < nfb; ++b) {
           const int64_t i0 = b * fb, rows = std::min(fb, nredo - i0), rpad = round_up(rows, mr);
-          BlockArgs a{S.load_rows(0, redo.data() + i0, rows, rpad, xbuf.data()), rpad, d,
+          BlockArgs a{S.load_rows(0, redo.data() + i0, rows, rpad, xbuf.data()), rpad, rows, d,
                       S.panel.data(), S.pnorm.data(), nch, static_cast<int32_t>(c0), nullptr,
                       nullptr, nullptr, scores.data(), S.kp};
           S.kern.run(a);

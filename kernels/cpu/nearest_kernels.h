@@ -13,22 +13,24 @@ namespace vqtok::nearest_detail {
 // with cw = NRV*W the score of code q*cw + l is
 //   norms[q*cw + l] + sum_j xq[r*d + j] * panel[(q*d + j)*cw + l] = |c|^2 - 2 x.c.
 // Padding codes (up to a whole chunk) have norm +inf and are never selected.
-// Lane state per row r (W entries each, at r*W): best score, second-best score and the index of
-// the first code of the group that holds the best (the code is idx + lane). Codes reach a lane
-// in ascending order and replace the best only when strictly smaller, so ties keep the lowest.
+// Each row tile keeps, per row and lane, the best score, the second-best score and the index of
+// the group holding the best (codes reach a lane in ascending order and replace the best only
+// when strictly smaller, so ties keep the lowest index); after the panel the lanes are reduced
+// and merged into gbest / gsec / gidx.
 struct BlockArgs {
   const float* xq;      // rows*d floats, row-major; rows is a multiple of the kernel's MR
   int64_t rows;
+  int64_t valid_rows;   // rows [valid_rows, rows) are zero padding and are not merged
   int64_t d;
-  const float* panel;   // ngroups*d*W floats
+  const float* panel;   // nchunks*d*NRV*W floats
   const float* norms;   // nchunks*NRV*W floats
   int64_t nchunks;
   int32_t code_base;    // global index of the panel's first code
-  float* best;          // rows*W
-  float* second;        // rows*W
-  int32_t* idx;         // rows*W
+  float* gbest;         // valid_rows running best scores (in/out)
+  float* gsec;          // valid_rows running second-best scores (in/out)
+  int32_t* gidx;        // valid_rows running best codes (in/out)
   // Scores mode (used to re-decide near ties): when non-null, the kernel writes every score
-  // to scores[r*ld + code - code_base] instead of updating the lane state.
+  // to scores[r*ld + code - code_base] and leaves gbest / gsec / gidx alone.
   float* scores;
   int64_t ld;
 };

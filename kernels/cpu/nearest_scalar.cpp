@@ -50,20 +50,20 @@ struct OpsScalar {
     for (int l = 0; l < W; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
     return r;
   }
-  static V min(const V& a, const V& b) {
-    V r;
-    for (int l = 0; l < W; ++l) r.v[l] = b.v[l] < a.v[l] ? b.v[l] : a.v[l];
-    return r;
+  static void update(V& b, V& s2, I& id, const V& s, const I& vbase) {
+    for (int l = 0; l < W; ++l) {
+      if (s.v[l] < b.v[l]) {
+        s2.v[l] = b.v[l];
+        b.v[l] = s.v[l];
+        id.v[l] = vbase.v[l];
+      } else if (s.v[l] < s2.v[l]) {
+        s2.v[l] = s.v[l];
+      }
+    }
   }
-  static V max(const V& a, const V& b) {
-    V r;
-    for (int l = 0; l < W; ++l) r.v[l] = b.v[l] > a.v[l] ? b.v[l] : a.v[l];
-    return r;
-  }
-  static I select_lt(const V& s, const V& b, const I& yes, const I& no) {
-    I r;
-    for (int l = 0; l < W; ++l) r.v[l] = s.v[l] < b.v[l] ? yes.v[l] : no.v[l];
-    return r;
+  static void reduce_row(const float* pb, const float* ps, const int32_t* pi, float& best,
+                         float& sec, int32_t& code) {
+    reduce_row_generic<W>(pb, ps, pi, best, sec, code);
   }
 };
 
