@@ -178,6 +178,46 @@ def _report_run(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=None, help="named preset: demo, image-f8, image-f16, video, audio")
+    p.add_argument("--config", default=None, metavar="YAML", help="YAML file with model/quantizer/data/train/loss sections")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.steps=200 (repeatable; values parsed as YAML)")
+    p.add_argument("--out", default=None, metavar="RUN", help="run folder (default: runs/<preset or 'custom'>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vqtok.checkpoint import CheckpointError
+    from vqtok.config import ConfigError, load_config
+    from vqtok.losses import MissingWeightsError
+    from vqtok.train import train
+
+    out = Path(args.out or os.path.join("runs", args.preset or "custom"))
+    base = None
+    if args.resume:
+        if not (out / "config.json").is_file():
+            return _fail("train", FileNotFoundError(f"--resume: {out / 'config.json'} not found (no run to resume)"))
+        base = json.loads((out / "config.json").read_text())
+    try:
+        cfg = load_config(None if base else args.preset, args.config, args.overrides, base=base)
+        result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, MissingWeightsError, CheckpointError, FileExistsError) as e:
+        return _fail("train", e)
+    if result:
+        print(f"held-out ({result.get('samples', 0)} samples): usage {result.get('usage', float('nan')):.4f}  "
+              f"perplexity {result.get('perplexity', float('nan')):.1f}  psnr {result.get('psnr', float('nan')):.2f} dB"
+              + (f"  ssim {result['ssim']:.4f}" if "ssim" in result else ""))
+        print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # bench
 # --------------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -206,6 +246,8 @@ def _bench_run(args: argparse.Namespace) -> int:
 
 _COMMANDS: list[tuple[str, str, Callable, Callable]] = [
     ("info", "show the version, the available backends and how the extension was built", _info_args, _info_run),
+    ("train", "train an image/video/audio tokenizer (presets, YAML, --set; --resume; torchrun for DDP)", _train_args,
+     _train_run),
     ("encode", "encode a dataset into token shards (resumable; torchrun for several processes)", _encode_args,
      _encode_run),
     ("decode", "decode token shards back to images, frame folders or WAV files", _decode_args, _decode_run),
