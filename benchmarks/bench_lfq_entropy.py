@@ -49,6 +49,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-peer", action="store_true", help="skip vector-quantize-pytorch")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (median reported)")
     ap.add_argument("--peer-mem-gib", type=float, default=None, help="address-space cap while the peer runs")
+    ap.add_argument("--bits", default=None, help="comma-separated B values (default: the config's grid)")
+    ap.add_argument("--tokens", default=None, help="comma-separated N values (default: the config's grid)")
+    ap.add_argument("--extra", default=None, help="extra BxN cases, e.g. 24x16384,20x65536 ('' for none)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--json", default=None, help="write rows + config to this file")
@@ -61,6 +64,12 @@ def main(argv=None) -> None:
         changes["reps"] = args.reps
     if args.peer_mem_gib:
         changes["peer_mem_gib"] = args.peer_mem_gib
+    if args.bits:
+        changes["bits"] = tuple(int(b) for b in args.bits.split(","))
+    if args.tokens:
+        changes["tokens"] = tuple(int(n) for n in args.tokens.split(","))
+    if args.extra is not None:
+        changes["extra_cases"] = tuple(tuple(int(v) for v in c.split("x")) for c in args.extra.split(",") if c)
     cfg = dataclasses.replace(cfg, **changes)
     rows = run(cfg=cfg)
     print(f"lfq_entropy fwd+bwd, torch {torch.__version__}, {torch.get_num_threads()} threads, device {cfg.device}")
