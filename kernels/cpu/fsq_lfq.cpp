@@ -3,6 +3,8 @@
 #pragma GCC optimize("fp-contract=off")
 #include <algorithm>
 
+#include <omp.h>
+
 #include "fsq_lfq_simd.h"
 #include "vqtok/cpu_features.h"
 
@@ -17,15 +19,22 @@ void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out) { tan
 namespace {
 
 // Runs fn(r0, r1) over [0, m) in chunks of whole 64-row groups (so SIMD blocks never straddle
-// chunks), on all threads when there is enough work to amortise the fork.
+// chunks): serial below ~32k values, else a few chunks per OpenMP thread (static schedule).
 template <class Fn>
 void parallel_rows(int64_t m, int64_t values_per_row, Fn fn) {
-  constexpr int64_t kMinValuesPerThread = 1 << 14;
-  const int64_t total = m * std::max<int64_t>(values_per_row, 1);
-  int64_t chunk = std::max<int64_t>(64, ((kMinValuesPerThread / std::max<int64_t>(values_per_row, 1)) + 63) / 64 * 64);
-  const int64_t nchunks = (m + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (total > 2 * kMinValuesPerThread)
-  for (int64_t c = 0; c < nchunks; ++c) fn(c * chunk, std::min(m, (c + 1) * chunk));
+  constexpr int64_t kMinValuesPerChunk = 1 << 14;
+  const int64_t vpr = std::max<int64_t>(values_per_row, 1);
+  const int64_t total = m * vpr;
+  if (total <= 2 * kMinValuesPerChunk) {
+    fn(int64_t{0}, m);
+    return;
+  }
+  const int64_t by_size = total / kMinValuesPerChunk;
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(by_size, int64_t(omp_get_max_threads()) * 4));
+  const int64_t chunk = ((m + nchunks - 1) / nchunks + 63) / 64 * 64;
+  const int64_t n = (m + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n; ++c) fn(c * chunk, std::min(m, (c + 1) * chunk));
 }
 
 }  // namespace
