@@ -21,7 +21,9 @@ CUDA_FUNCS = ("cuda_nearest_l2_top2", "cuda_rescore_f64", "cuda_fsq_forward", "c
 @needs_ext
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH: the extension is built without CUDA")
 def test_built_with_cuda_when_nvcc_present():
-    assert _C.with_cuda is True
+    assert _C.with_cuda is True, (
+        "vqtok._C was built without CUDA although nvcc is on PATH (built with VQTOK_CUDA=OFF?); run `make build`"
+    )
     assert _C.build_info()["cuda"] is True
     missing = [f for f in CUDA_FUNCS if not hasattr(_C, f)]
     assert not missing, f"CUDA bindings missing: {missing}"

@@ -263,3 +263,52 @@ def test_gpu_bench_rows_and_roofline():
     assert gpu.roofline_pairs_per_s("triton_fast", n, k, 8) == pytest.approx(gpu.R_CORE / gpu.C_EPI)
     assert gpu.roofline_pairs_per_s("triton_fast", n, k, 256) == pytest.approx(989e12 / 512)
     assert gpu.roofline_pairs_per_s("triton_exact", n, k, 256) == pytest.approx(gpu.R_CORE / 260)
+
+
+# ----------------------------------------------------------------------------------------------
+# the kernels compile for the GPU (sm_90 / sm_80) even on a machine without one
+# ----------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import json, sys
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from vqtok.ops.triton import fsq, lfq, nearest
+
+def build(fn, types, consts, arch=90, **opts):
+    sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
+
+f32, s64 = "*fp32", {f"stride_{a}": "i64" for a in ("xn", "xd", "ck", "cd")}
+st = {"x_ptr": "*bf16", "c_ptr": "*bf16", "cn_ptr": f32, "out_v_ptr": f32, "out_i_ptr": "*i32", "out_e_ptr": f32, **s64}
+meta = {"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 64, "INTERPRET": False}
+out = {
+    "exact90": build(nearest._search_kernel, st, {**meta, "TOPK": 1, "FAST": False}, num_warps=8),
+    "fast90": build(nearest._search_kernel, st, {**meta, "TOPK": 4, "FAST": True}, num_warps=8),
+    "fast80": build(nearest._search_kernel, st, {**meta, "TOPK": 4, "FAST": True}, arch=80, num_warps=8),
+    "merge": build(nearest._merge_splits_kernel, {"v_ptr": f32, "i_ptr": "*i32", "e_ptr": f32, "out_v_ptr": f32,
+                   "out_i_ptr": "*i32", "out_e_ptr": f32}, {"BLOCK_N": 64, "TOPK": 4}),
+    "fsq": build(fsq._fsq_fwd_kernel, {"z_ptr": f32, "hl_ptr": f32, "off_ptr": f32, "shift_ptr": f32, "hw_ptr": f32,
+                 "basis_ptr": "*i64", "codes_ptr": f32, "idx_ptr": "*i32"}, {"BLOCK_M": 256, "BLOCK_D": 8, "INTERPRET": False},
+                 enable_fp_fusion=False),
+}
+json.dump({k: {"mma": ("mma" in v), "div_rn": "div.rn.f32" in v, "tanh": "tanh" in v} for k, v in out.items()}, sys.stdout)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu_with_the_intended_precision():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("no ptxas to compile Triton kernels for the GPU")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout)
+    assert not info["exact90"]["mma"]  # exact: fp32 FMA on CUDA cores, no TF32 tensor cores
+    assert info["fast90"]["mma"] and info["fast80"]["mma"]  # fast: bf16 tensor cores
+    assert info["fsq"]["div_rn"] and info["fsq"]["tanh"]  # IEEE division, libdevice tanh

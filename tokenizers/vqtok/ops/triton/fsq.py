@@ -4,11 +4,14 @@ Same semantics as ``ops.reference`` bit for bit: fp32 math in the reference's or
 ``bound = tanh(z + shift) * half_l - offset``, round half to even, ``codes = q / (L // 2)``,
 ``index = sum_i (q_i + L_i // 2) * basis_i`` in int64 (first dimension least significant).
 
-tanh must match torch's bit for bit: on the GPU ``libdevice.tanh`` is the same CUDA math-library
-``tanhf`` torch calls; the CPU interpreter has no libdevice, so there tanh is evaluated in float64
-and rounded once to fp32 (correctly rounded, like glibc's ``tanhf``). Rounding half to even uses
-exact floor/fraction arithmetic, identical on both. Divisions are ``div_rn`` (IEEE) and kernels
-launch without FMA contraction, so each fp32 op rounds once, like torch's.
+tanh must match torch's bit for bit. On the GPU ``libdevice.tanh`` is the CUDA math library's
+``tanhf`` that torch calls (Triton links libdevice with denormal flushing, so only a subnormal tanh
+can differ, in the sign of a zero code). The CPU interpreter has no libdevice: there tanh is
+evaluated in float64 and rounded once to fp32, i.e. correctly rounded; torch's vectorised CPU tanh
+is within 1 ulp of it, which moves a code only when the bound lies within an ulp of a rounding
+edge. Rounding half to even uses exact floor/fraction arithmetic, identical on both. Divisions are
+``div_rn`` (IEEE) and kernels launch without FMA contraction, so each fp32 op rounds once, like
+torch's.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from .. import reference as ref
 from . import _certify
 
 _BIG = 2**31 - 1  # index sentinel of an empty candidate slot
-_NUM_SMS_GUESS = 132  # H100 SXM; only used to size split-K when the device is not queried
 
 
 def _interpreting() -> bool:
@@ -230,7 +229,18 @@ def autotune_configs(n: int, k: int, d: int) -> list[triton.Config]:
     return out
 
 
-_tuned: dict[tuple, tuple[int, int, int, int]] = {}
+_TUNED: dict[tuple, object] = {}
+
+
+def _tuned_search_kernel(n: int, k: int, d: int):
+    """_search_kernel autotuned over autotune_configs(N, K, D); one tuner per (N, K) power-of-two
+    bucket and D, so the config list always fits the shape (GPU only: never under the interpreter)."""
+    key = (triton.next_power_of_2(n), triton.next_power_of_2(k), d)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(configs=autotune_configs(n, k, d), key=["N", "K", "D", "TOPK", "FAST"])(
+            _search_kernel
+        )
+    return _TUNED[key]
 
 
 def _pick_blocks(n, k, d, block_n, block_k):
@@ -248,12 +258,14 @@ def _block_d(d: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(d)))
 
 
-def _split_count(n_row_tiles: int, k: int, bk: int, split_k: int | None) -> int:
+def _split_count(n_row_tiles: int, k: int, bk: int, split_k: int | None, device: torch.device) -> int:
+    """Split-K factor: enough programs for ~2 waves when N alone gives too few (small N, large K)."""
     if split_k is not None:
         return max(1, min(split_k, triton.cdiv(k, bk)))
-    if _interpreting():
+    if _interpreting() or device.type != "cuda":
         return 1
-    want = triton.cdiv(2 * _NUM_SMS_GUESS, n_row_tiles)  # fill ~2 waves of programs
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, n_row_tiles)
     return max(1, min(want, k // (8 * bk)))
 
 
@@ -262,21 +274,20 @@ def _launch_search(x, c, cn, topk, fast, block_n, block_k, split_k):
     n, d = x.shape
     k = c.shape[0]
     bn, bk = _pick_blocks(n, k, d, block_n, block_k)
-    n_row_tiles = triton.cdiv(n, bn)
-    splits = _split_count(n_row_tiles, k, bk, split_k)
+    dev = x.device
+    splits = _split_count(triton.cdiv(n, bn), k, bk, split_k, dev)
     k_per = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_per)
-    dev = x.device
     out_v = torch.empty(splits, n, topk, dtype=torch.float32, device=dev)
     out_i = torch.empty(splits, n, topk, dtype=torch.int32, device=dev)
     out_e = torch.empty(splits, n, dtype=torch.float32, device=dev)
-    _search_kernel[(n_row_tiles * splits,)](
-        x, c, cn, out_v, out_i, out_e,
-        n, k, d, k_per,
-        x.stride(0), x.stride(1), c.stride(0), c.stride(1),
-        BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=_block_d(d), TOPK=topk, FAST=fast, INTERPRET=_interpreting(),
-        **({} if _interpreting() else {"num_warps": 8 if bn * bk >= 128 * 128 else 4}),
-    )
+    args = (x, c, cn, out_v, out_i, out_e, n, k, d, k_per, x.stride(0), x.stride(1), c.stride(0), c.stride(1))
+    meta = dict(BLOCK_D=_block_d(d), TOPK=topk, FAST=fast, INTERPRET=_interpreting())
+    if _interpreting() or block_n or block_k:  # fixed launch shape
+        _search_kernel[(triton.cdiv(n, bn) * splits,)](*args, BLOCK_N=bn, BLOCK_K=bk, **meta)
+    else:  # the grid follows the tuned BLOCK_N; k_per need not be a multiple of BLOCK_K (masked)
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]) * splits,)  # noqa: E731
+        _tuned_search_kernel(n, k, d)[grid](*args, **meta)
     if splits == 1:
         return out_v[0], out_i[0], out_e[0]
     v = torch.empty(n, topk, dtype=torch.float32, device=dev)
