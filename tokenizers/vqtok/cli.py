@@ -70,13 +70,14 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _encode_run(args: argparse.Namespace) -> int:
+    from vqtok.checkpoint import CheckpointError
     from vqtok.export import encode_dataset
 
     try:
         m = encode_dataset(args.checkpoint, args.input, args.output, layout=args.format, shard_size=args.shard_size,
                            batch_size=args.batch_size, split=args.split, limit=args.limit, device=args.device,
                            num_workers=args.num_workers)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, CheckpointError) as e:
         return _fail("encode", e)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {m['num_samples']} samples x {m['grid']} {m['dtype']} tokens in {len(m['shards'])} "
@@ -94,12 +95,13 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decode_run(args: argparse.Namespace) -> int:
+    from vqtok.checkpoint import CheckpointError
     from vqtok.export import decode_tokens
 
     try:
         paths = decode_tokens(args.checkpoint, args.tokens, args.output, limit=args.limit,
                               batch_size=args.batch_size, device=args.device)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, CheckpointError) as e:
         return _fail("decode", e)
     print(f"wrote {len(paths)} samples to {args.output}")
     return 0
@@ -112,11 +114,12 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _verify_run(args: argparse.Namespace) -> int:
+    from vqtok.checkpoint import CheckpointError
     from vqtok.export import verify_export
 
     try:
         summary = verify_export(args.tokens, args.checkpoint, progress=not args.json)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, CheckpointError) as e:
         return _fail("verify", e)
     if args.json:
         print(json.dumps(summary, indent=2))
