@@ -209,6 +209,8 @@ def test_bad_inputs():
         lfq_entropy(torch.randn(0, 8))
     with pytest.raises(ValueError, match="non-finite"):
         lfq_entropy(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="too large for the torch path"):
+        lfq_entropy(torch.randn(2, 27), backend="torch")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,3 +305,14 @@ def test_ddp_global_entropy_and_gradients(tmp_path):
             assert _rel(rps, ps) < tol and _rel(rcb, cb) < tol
             ref = world * zr.grad[rows[rank]]
             torch.testing.assert_close(grad, ref, rtol=0, atol=2 * tol * ref.abs().max().item())
+
+
+def test_bench_suite_rows():
+    from vqtok.bench.entropy import EntropyBenchConfig, run
+
+    cfg = EntropyBenchConfig(bits=(8,), tokens=(256,), extra_cases=((6, 100),), reps=1, peer_max_dense_gib=1e-6)
+    rows = run(cfg=cfg, progress=False)
+    assert [(r["bits"], r["tokens"]) for r in rows] == [(8, 256), (6, 100)]
+    for r in rows:
+        assert r["ours_ms"] > 0 and r["ms"] == r["ours_ms"] and r["gflop"] == round(6 * r["tokens"] * 2.0 ** r["bits"] / 1e9, 2)
+        assert r["peer"].startswith("needs") and r["peer"].endswith("not run")

@@ -351,7 +351,8 @@ def lfq_entropy(
         temperature: tau > 0 (vector-quantize-pytorch's ``inv_temperature`` is 1/tau).
         scale: code magnitude s (LFQ 1; BSQ 1/sqrt(B) with z on the unit sphere).
         split: B1, bits in the first half (default B // 2); any value in [0, B] gives the same result.
-        chunk: tokens per chunk of the GEMM path (default: ~4M P1+P2 elements; smaller saves memory).
+        chunk: tokens per chunk of the GEMM path (default: 2^21 P1+P2 elements, i.e. 2048 tokens at
+            B=18; smaller saves memory).
         eps_mode: ``exact`` | ``vqtorch`` | ``magvit`` (see the module docstring).
         process_group: all-reduce over this group (default: the world group when torch.distributed
             is initialised). Each rank's gradient is world_size x the gradient of the global value.
