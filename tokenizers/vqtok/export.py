@@ -146,6 +146,31 @@ def _prepare_output(out: Path, ident: dict) -> str | None:
     return None
 
 
+def _agree_on_output(out: Path, ident: dict, rank: int, world: int) -> str:
+    """Rank 0 prepares the folder; every rank gets its verdict ("go" or "done") or raises."""
+    status, err = None, None
+    if rank == 0:
+        try:
+            status = _prepare_output(out, ident) or "go"
+        except Exception as e:  # every rank must learn about it, or the others wait forever
+            status, err = f"error: {e}", e
+    status = _broadcast(status, world)
+    if err is not None:
+        raise err
+    if status.startswith("error: "):
+        raise RuntimeError(f"rank 0 could not prepare {out}: {status[7:]}")
+    return status
+
+
+def _finish(out: Path, ds, layout: str, shard_size: int, grid, codebook_size: int, header: dict) -> None:
+    """Rank 0, after every shard exists: keys.txt, offsets, manifest (last); drop the export state."""
+    keys = [ds.key(i) for i in range(len(ds))]
+    tk.write_manifest(out, layout=layout, keys=keys, shard_size=shard_size, grid=grid, codebook_size=codebook_size,
+                      header=header)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    tk.fsync_dir(out)
+
+
 def encode_dataset(
     checkpoint: str | os.PathLike,
     source: str,
@@ -167,7 +192,7 @@ def encode_dataset(
     """
     from tqdm.auto import tqdm
 
-    tk._check_layout(layout)
+    tk.check_layout(layout)
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"--shard-size and --batch-size must be >= 1, got {shard_size} and {batch_size}")
     rank, world, own_group = _dist_init()
@@ -183,18 +208,7 @@ def encode_dataset(
         src = {"input": str(source), "split": split if source.startswith("builtin:") else "all", "limit": limit}
         ident = _identity(tok, src, layout, shard_size, n, grid)
         out = Path(output)
-        status, err = None, None
-        if rank == 0:
-            try:
-                status = _prepare_output(out, ident) or "go"
-            except Exception as e:  # every rank must learn about it, or the others wait forever
-                status, err = f"error: {e}", e
-        status = _broadcast(status, world)
-        if err is not None:
-            raise err
-        if status.startswith("error: "):
-            raise RuntimeError(f"rank 0 could not prepare {out}: {status[7:]}")
-        if status == "done":
+        if _agree_on_output(out, ident, rank, world) == "done":
             if rank == 0:
                 print(f"{out}: export already complete ({n} samples)", file=sys.stderr)
             return tk.read_manifest(out)
@@ -211,13 +225,8 @@ def encode_dataset(
         _barrier(world)
         if rank == 0:
             header = {"tokenizer": {"weights_sha256": tok.weights_sha256, "modality": tok.modality,
-                                    "config": tok.config, "checkpoint": str(checkpoint)},
-                      "source": src}
-            keys = [ds.key(i) for i in range(n)]
-            tk.write_manifest(out, layout=layout, keys=keys, shard_size=shard_size, grid=grid,
-                              codebook_size=tok.codebook_size, header=header)
-            (out / STATE_FILE).unlink(missing_ok=True)
-            tk._fsync_dir(out)
+                                    "config": tok.config, "checkpoint": str(checkpoint)}, "source": src}
+            _finish(out, ds, layout, shard_size, grid, tok.codebook_size, header)
         _barrier(world)
         return tk.read_manifest(out)
     finally:

@@ -61,7 +61,7 @@ def token_dtype(codebook_size: int) -> np.dtype:
 
 
 def shard_name(index: int, layout: str) -> str:
-    _check_layout(layout)
+    check_layout(layout)
     return f"tokens-{index:05d}{_SUFFIX[layout]}"
 
 
@@ -77,7 +77,7 @@ def shard_range(index: int, num_samples: int, shard_size: int) -> tuple[int, int
     return start, min(start + shard_size, num_samples)
 
 
-def _check_layout(layout: str) -> None:
+def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
@@ -85,7 +85,7 @@ def _check_layout(layout: str) -> None:
 # --------------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -109,7 +109,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -154,7 +154,7 @@ def write_shard(
     ``tokens`` must already be in the export dtype (see :func:`token_dtype`); ``keys`` (n source
     keys) are stored inside WebDataset shards only; ``keys.txt`` is written with the manifest.
     """
-    _check_layout(layout)
+    check_layout(layout)
     if tokens.ndim < 2 or len(keys) != tokens.shape[0]:
         raise ValueError(f"tokens must be [n, *grid] with n == len(keys); got {tokens.shape} and {len(keys)} keys")
     tokens = np.ascontiguousarray(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False))
