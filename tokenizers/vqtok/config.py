@@ -178,6 +178,9 @@ PRESETS: dict[str, dict] = {
 # --------------------------------------------------------------------------------------------
 # typed assignment
 # --------------------------------------------------------------------------------------------
+_SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` (int, float, bool, str, list[int|float])."""
     origin = typing.get_origin(tp)
@@ -197,6 +200,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -249,8 +254,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key.strip()}: cannot parse value {raw!r}: {e}") from None
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-        value = float(value)  # YAML 1.1 reads 1e-3 as a string
     return key.strip(), value
 
 

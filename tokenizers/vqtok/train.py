@@ -178,7 +178,7 @@ class RunLog:
 
 
 def _scalar(v) -> float:
-    return float(v.float().mean()) if isinstance(v, torch.Tensor) else float(v)
+    return float(v.detach().float().mean()) if isinstance(v, torch.Tensor) else float(v)
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,4 +108,5 @@ class VQAutoencoder(nn.Module):
     @property
     def last_layer(self) -> torch.Tensor:
         """Weight of the decoder's output convolution (for the adaptive adversarial weight)."""
-        return self.decoder.conv_out.weight
+        layer = self.decoder.conv_out
+        return layer.weight if isinstance(layer, nn.modules.conv._ConvNd) else layer.conv.weight

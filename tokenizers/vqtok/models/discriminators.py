@@ -76,6 +76,8 @@ class STFTDiscriminator(nn.Module):
         wav = x.reshape(-1, x.shape[-1]).float()
         outs = []
         for n, net in zip(self.fft_sizes, self.nets):
+            if n // 2 >= wav.shape[-1]:  # too long for this clip (reflect padding needs n/2 < T)
+                continue
             spec = torch.stft(wav, n, hop_length=n // 4, window=getattr(self, f"window_{n}"), return_complex=True)
             spec = torch.view_as_real(spec).permute(0, 3, 2, 1)  # (B, 2, frames, bins)
             outs.append(net(spec))
