@@ -110,6 +110,10 @@ def run_bench(
         f"isa {machine['isa']} | FMA peak {machine['fma_peak_gflops']:.1f} GFLOP/s | "
         f"memcpy {machine['memcpy_gbps']:.1f} GB/s"
     )
+    load = machine.get("load_average")
+    if load and machine.get("cores") and load[0] > machine["cores"]:
+        echo(f"warning: load average {load[0]:.1f} on {machine['cores']} cores: other processes share the CPU, so "
+             "times (and the measured peak and bandwidth) are inflated and noisy")
     results: dict = {"machine": machine, "quick": quick, "tiny": tiny, "suites": {}}
     text = []
     for name in tqdm(names, desc="bench suites", unit="suite", file=sys.stderr, disable=len(names) < 2):
