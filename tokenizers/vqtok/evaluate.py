@@ -13,7 +13,7 @@ usage            fraction of the K codes used at least once over the set
 perplexity       exp of the entropy of the code histogram (effective number of codes)
 entropy_bits     entropy of the code histogram, in bits (log2 K at most)
 dead_codes       codes never used over the set
-collapse         True when at most 10% of the codes the set could have reached were used
+collapse         True when few of the codes the set could reach carry it (see codebook_stats)
 layers           residual quantizers only: a list of the above per depth layer
 psnr, ssim       mean per-sample PSNR (dB, data range 2) and SSIM; None where not applicable
 lpips, rfid      mean LPIPS / reconstruction FID; None when unavailable
@@ -28,7 +28,6 @@ The model contract (``vqtok.models.VQAutoencoder``): ``forward(x)`` returns an o
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -40,10 +39,8 @@ from .metrics.fid import FIDAccumulator, load_fid_extractor
 from .metrics.perceptual import LPIPSMetric, Unavailable, load_lpips
 from .metrics.reconstruction import psnr, ssim
 
-__all__ = ["evaluate", "run_evaluation", "EvalOutcome", "codebook_stats", "COLLAPSE_USAGE"]
+__all__ = ["evaluate", "run_evaluation", "EvalOutcome", "codebook_stats", "evaluate_checkpoint", "find_run_dir"]
 
-# A codebook has collapsed when it uses at most this fraction of the codes the set could reach.
-COLLAPSE_USAGE = 0.10
 # Histograms are dense int64 [K]; larger codebooks report usage from unique counts per batch only.
 MAX_DENSE_CODES = 1 << 24
 
@@ -60,26 +57,27 @@ class EvalOutcome:
 
 
 def codebook_stats(counts: torch.Tensor) -> dict:
-    """Codebook health from a histogram counts int [K] over an evaluation set."""
-    counts = counts.to(torch.float64)
-    k, total = counts.numel(), float(counts.sum())
-    used = int((counts > 0).sum())
-    if total > 0:
-        p = counts[counts > 0] / total
-        entropy = float(-(p * p.log()).sum())
-    else:
-        entropy = 0.0
-    reachable = max(1, min(k, int(total)))
-    return {
-        "codebook_size": k,
-        "tokens": int(total),
-        "usage": used / k,
-        "used_codes": used,
-        "perplexity": math.exp(entropy),
-        "entropy_bits": entropy / math.log(2),
-        "dead_codes": k - used,
-        "collapse": bool(total > 0 and used / reachable <= COLLAPSE_USAGE),
-    }
+    """Codebook health from a histogram counts int [K] over an evaluation set.
+
+    The numbers come from ``vqtok.metrics.codebook.CodebookHealth`` fed the whole-set histogram
+    once (usage, unused/dead codes, perplexity, entropy). The collapse flag uses the tracker's
+    thresholds against the codes the set could reach, min(K, tokens), so a 2^18-code FSQ seen
+    through a few thousand tokens is not flagged for being large: collapse when
+    used / reachable < min_usage or perplexity < min_perplexity * reachable.
+    """
+    from .metrics.codebook import CodebookHealth
+
+    k = int(counts.numel())
+    tracker = CodebookHealth(k, sync=False)
+    tracker.update_counts(counts.to(torch.int64), reduced=True)
+    stats = tracker.summary()
+    total = stats["tokens"]
+    used = k - stats["unused_codes"]
+    reachable = max(1, min(k, total))
+    stats["used_codes"] = used
+    stats["collapse"] = bool(total > 0 and (used / reachable < tracker.min_usage
+                                            or stats["perplexity"] < tracker.min_perplexity * reachable))
+    return stats
 
 
 def _first_tensor(batch) -> torch.Tensor:
@@ -133,10 +131,12 @@ class _Streams:
         self.fid = FIDAccumulator(fid_metric) if fid_metric is not None else None
 
     def update(self, x: torch.Tensor, recon: torch.Tensor, indices: torch.Tensor, image_like: bool) -> None:
+        indices = indices.detach()
         if self.dense:
             if self.depth:
                 for layer, acc in enumerate(self.counts):
-                    acc.update(indices[..., layer])
+                    ids = indices[..., layer]
+                    acc.update(ids[ids >= 0])  # -1: a layer dropped by quantizer dropout
             else:
                 self.counts[0].update(indices)
         self.means["psnr"].update(psnr(x, recon))
