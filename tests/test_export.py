@@ -91,6 +91,9 @@ def test_tokenizer_save_load_encode_decode(tmp_path, saved):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors"):
         Tokenizer.from_pretrained(tmp_path / "copy")
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors: missing"):
+        Tokenizer.from_pretrained(tmp_path / "copy")
 
 
 def test_tokenizer_from_run_folder_prefers_ema(tmp_path):

@@ -198,7 +198,9 @@ def encode_dataset(
     rank, world, own_group = _dist_init()
     try:
         if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and world > 1:  # one GPU per rank
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
         tok = Tokenizer.from_pretrained(checkpoint, device=device)
         ds = build_input(source, tok.config, split, limit)
         n = len(ds)

@@ -65,6 +65,9 @@ class Tokenizer:
             raise FileNotFoundError(f"{path}: no such tokenizer, run folder or checkpoint")
         if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
             return cls._load_saved(path, device)
+        if (path / CONFIG_FILE).is_file() and not (path / "checkpoints").exists():
+            raise FileNotFoundError(f"{path / WEIGHTS_FILE}: missing (a saved tokenizer folder holds "
+                                    f"{CONFIG_FILE} and {WEIGHTS_FILE}; a run folder holds checkpoints/)")
         from vqtok.checkpoint import load_model
 
         model, cfg = load_model(path, use_ema=use_ema, map_location="cpu")
