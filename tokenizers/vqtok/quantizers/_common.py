@@ -126,6 +126,13 @@ def estimate(x: torch.Tensor, q: torch.Tensor, estimator: str = "ste") -> torch.
     return _Estimate.apply(x, q, estimator == "rotation")
 
 
+def check_indices(flat: torch.Tensor, codebook_size: int, what: str | None = None) -> None:
+    """Raise a clear error unless every id of flat lies in [0, codebook_size)."""
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= codebook_size):
+        raise ValueError(f"indices must lie in [0, {what or codebook_size}), "
+                         f"got [{int(flat.min())}, {int(flat.max())}]")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

@@ -55,8 +55,7 @@ class FSQ(Quantizer):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         layout = C.layout_of_indices(indices)
         flat = indices.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(flat.min())}, {int(flat.max())}]")
+        C.check_indices(flat, self.codebook_size)
         with C.fp32_region(indices.device):
             out = self.out_proj(fsq_indices_to_codes(flat, self.levels, backend=self.backend))
         return layout.unflatten(out)

@@ -152,7 +152,7 @@ class CodebookHealth(nn.Module):
             "unused_codes": int((h == 0).sum()),
             "perplexity": ppl,
             "entropy_bits": math.log2(ppl) if ppl > 0 else 0.0,
-            "normalized_entropy": (math.log(ppl) / math.log(self.codebook_size)) if ppl > 0 and self.codebook_size > 1 else 0.0,
+            "normalized_entropy": math.log(ppl) / math.log(self.codebook_size) if ppl > 1 else 0.0,
             "dead_codes": int(self.dead_mask().sum()) if int(self.steps) else self.codebook_size,
         }
 
@@ -184,4 +184,5 @@ def track(health: CodebookHealth | None, indices: torch.Tensor, codebook_size: i
     if health is not None:
         return health.update(indices) if training else health.stats(health.counts_of(indices))
     _, counts = torch.unique(indices.reshape(-1), return_counts=True)
-    return {"usage": torch.tensor(counts.numel() / codebook_size), "perplexity": perplexity_of(counts).to(torch.float32)}
+    return {"usage": torch.tensor(counts.numel() / codebook_size),
+            "perplexity": perplexity_of(counts).to(torch.float32)}

@@ -43,7 +43,7 @@ def kmeans_plusplus(
     rounds = max(1, min(rounds, k))
     first = _sample_rows(n, 1, g).to(x.device)
     centres = [x[first]]
-    dist = ((x - centres[0]) ** 2).sum(1) if metric == "l2" else nearest_code(x, centres[0], metric=metric, backend=backend)[1]
+    dist = nearest_code(x, centres[0], metric=metric, backend=backend)[1]
     chosen = 1
     per_round = -(-(k - 1) // rounds)
     while chosen < k:

@@ -129,8 +129,7 @@ class LFQ(Quantizer):
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         layout = C.layout_of_indices(indices)
         flat = indices.reshape(-1).to(torch.int64)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, 2^{self.bits}), got [{int(flat.min())}, {int(flat.max())}]")
+        C.check_indices(flat, self.codebook_size, what=f"2^{self.bits}")
         with C.fp32_region(indices.device):
             out = self.out_proj(lfq_indices_to_codes(flat, self.bits) * self.code_scale)
         return layout.unflatten(out)

@@ -85,7 +85,8 @@ class VectorQuantizer(Quantizer):
         if dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold!r}")
         self.metric, self.learning, self.estimator, self.backend = metric, learning, estimator, backend
-        self.decay, self.eps, self.beta, self.codebook_weight = float(decay), float(eps), float(beta), float(codebook_weight)
+        self.decay, self.eps = float(decay), float(eps)
+        self.beta, self.codebook_weight = float(beta), float(codebook_weight)
         self.kmeans_init, self.kmeans_iters, self.seed = bool(kmeans_init), int(kmeans_iters), int(seed)
         self.dead_code_threshold = float(dead_code_threshold)
 
@@ -146,8 +147,7 @@ class VectorQuantizer(Quantizer):
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         """Codes of ids idx [N] -> [N, Dc] fp32 (code space, before out_proj)."""
         idx = idx.to(torch.int64)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got [{int(idx.min())}, {int(idx.max())}]")
+        C.check_indices(idx, self.codebook_size)
         return F.embedding(idx, self.codes())
 
     # ----------------------------------------------------------------------------------------
