@@ -55,6 +55,16 @@ def saved(tmp_path_factory):
     return {m: _make_tokenizer(m).save_pretrained(root / m) for m in CFGS}
 
 
+@pytest.fixture
+def one_thread():
+    """In-process encodes use one thread like the subprocesses (OMP_NUM_THREADS=1), so float
+    results, hence tokens, cannot differ by the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -206,7 +216,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(tmp_path, saved):
 # faults and processes
 # --------------------------------------------------------------------------------------------
 @pytest.mark.timeout(240)
-def test_resume_after_sigkill_is_byte_identical(tmp_path, saved):
+def test_resume_after_sigkill_is_byte_identical(tmp_path, saved, one_thread):
     args = ["encode", "--checkpoint", str(saved["image"]), "--input", "builtin:images", "--shard-size", "3",
             "--batch-size", "2", "--limit", "11", "--format", "npy"]
     ref, out = tmp_path / "ref", tmp_path / "out"
@@ -238,7 +248,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, saved):
 
 @pytest.mark.ddp
 @pytest.mark.timeout(240)
-def test_torchrun_two_processes_equal_single_process(tmp_path, saved):
+def test_torchrun_two_processes_equal_single_process(tmp_path, saved, one_thread):
     common = ["--checkpoint", str(saved["image"]), "--input", "builtin:images", "--shard-size", "2",
               "--batch-size", "2", "--limit", "9"]
     ref, out = tmp_path / "ref", tmp_path / "dist"
@@ -254,7 +264,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, saved):
     verify_export(out, saved["image"], progress=False)
 
 
-def test_train_tiny_gpt_example_learns_from_exported_tokens(tmp_path, saved):
+def test_train_tiny_gpt_example_learns_from_exported_tokens(tmp_path, saved, one_thread):
     import importlib.util
 
     out = tmp_path / "tokens"
@@ -263,15 +273,11 @@ def test_train_tiny_gpt_example_learns_from_exported_tokens(tmp_path, saved):
     spec = importlib.util.spec_from_file_location("train_tiny_gpt", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention
-    try:
-        losses = example.main(["--tokens", str(out), "--steps", "30", "--block-size", "32", "--batch-size", "8",
+    # tiny matmuls (one_thread: threads only add contention)
+    losses = example.main(["--tokens", str(out), "--steps", "30", "--block-size", "32", "--batch-size", "8",
+                           "--dim", "32", "--layers", "1"])
+    per_sample = example.main(["--tokens", str(out), "--steps", "2", "--per-sample", "--block-size", "100",
                                "--dim", "32", "--layers", "1"])
-        per_sample = example.main(["--tokens", str(out), "--steps", "2", "--per-sample", "--block-size", "100",
-                                   "--dim", "32", "--layers", "1"])
-    finally:
-        torch.set_num_threads(threads)
     assert len(losses) == 30 and np.isfinite(losses).all()
     assert abs(losses[0] - np.log(64)) < 0.2  # starts near uniform over the 64 codes
     assert np.mean(losses[-5:]) < np.log(64) - 0.5  # and learns the token statistics
