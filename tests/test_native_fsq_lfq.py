@@ -3,8 +3,9 @@
 Sizes are chosen to hit SIMD tails (rows not a multiple of 8/16/64) and the OpenMP split. tanh is
 the one place the kernels do not call torch: they evaluate it in double and round once, which is
 ``torch.tanh(x.double()).float()``; torch's own fp32 tanh (MKL) is within one ulp of that, so the
-FSQ codes and indices equal the reference's exactly and the gradients equal the reference formula
-evaluated with the correctly rounded tanh.
+FSQ codes and indices equal the reference's exactly for ordinary level counts, and every output equals the reference formula
+evaluated with the correctly rounded tanh. For very large L (half_l * ulp(tanh) near 1) a one-ulp
+tanh difference moves codes, so there only the correctly rounded oracle is exact.
 """
 
 import math
@@ -49,6 +50,14 @@ def _tanh_cr(x):
     return torch.tanh(x.double()).float()
 
 
+def _fsq_forward_cr(z, levels):
+    """ops/reference.fsq_forward with the correctly rounded tanh, same fp32 operation order."""
+    half_l, offset, shift, half_width = ref.fsq_constants(levels)
+    q = torch.round(_tanh_cr(z.float() + shift) * half_l - offset)
+    idx = ((q + half_width).to(torch.int64) * ref.fsq_basis(levels)).sum(-1)
+    return q / half_width, idx.to(ref.fsq_index_dtype(levels))
+
+
 def _fsq_backward_cr(g, z, levels):
     """ops/reference.fsq_backward with the correctly rounded tanh, same fp32 operation order."""
     half_l, _, shift, half_width = ref.fsq_constants(levels)
@@ -75,15 +84,19 @@ def test_tanh_bits(isa):
     assert int(diff.max()) <= 1
 
 
-@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [4] * 9, [16384]])
+@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [4] * 9, [3] * 33, [2**30 + 3]])
 @pytest.mark.parametrize("m", [1, 15, 17, 63, 1031])
 def test_fsq_forward_bits(isa, levels, m):
     z = _z(m, len(levels), seed=m)
     codes, idx = _native._fsq_forward_cpp(z, levels)
-    rc, ri = ref.fsq_forward(z, levels)
-    assert torch.equal(codes, rc)
-    assert idx.dtype == ri.dtype == torch.int32
-    assert torch.equal(idx, ri)
+    oc, oi = _fsq_forward_cr(z, levels)
+    assert idx.dtype == oi.dtype == ref.fsq_index_dtype(levels)
+    assert torch.equal(codes, oc) and torch.equal(idx, oi)
+    if max(levels) <= 256:
+        # torch's fp32 tanh differs by an ulp on ~0.6% of inputs; that moves a code only when
+        # half_l * ulp(t) reaches a rounding boundary: never seen for small L (huge L: see above)
+        rc, ri = ref.fsq_forward(z, levels)
+        assert torch.equal(codes, rc) and torch.equal(idx, ri)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -115,9 +128,9 @@ def test_fsq_int64_indices(isa):
     for levels in ([2**16, 2**16 + 1], [2**40, 3]):  # prod >= 2^31; the second has digits past 2^31
         z = _z(77, 2, scale=3.0)
         codes, idx = _native._fsq_forward_cpp(z, levels)
-        rc, ri = ref.fsq_forward(z, levels)
-        assert idx.dtype == torch.int64 and torch.equal(idx, ri) and torch.equal(codes, rc)
-        assert torch.equal(_native._fsq_indices_to_codes_cpp(idx, levels), ref.fsq_indices_to_codes(ri, levels))
+        oc, oi = _fsq_forward_cr(z, levels)
+        assert idx.dtype == torch.int64 and torch.equal(idx, oi) and torch.equal(codes, oc)
+        assert torch.equal(_native._fsq_indices_to_codes_cpp(idx, levels), ref.fsq_indices_to_codes(idx, levels))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])

@@ -6,9 +6,10 @@
 // and rounded) and closed-source, so its exact bits cannot be reproduced portably. The kernels use
 // the one definition every backend can share: tanh evaluated in double (error a few 2^-53) and
 // rounded once to fp32, i.e. torch.tanh(x.double()).float() up to events of probability ~2^-28
-// per value. FSQ codes and indices therefore equal the reference's (a one-ulp tanh difference
-// moves a code only when the bound lies within ~1e-7 of a rounding boundary); gradients equal
-// the reference formula with the correctly rounded tanh, within one tanh ulp of torch's fp32 one.
+// per value. FSQ codes and indices therefore equal the reference's for ordinary levels (a one-ulp
+// tanh difference moves a code only when half_l * ulp(t) reaches a rounding boundary: ~1e-9 per
+// value at L = 8, ~1e-5 at L = 2^16, routinely for L ~ 2^30); gradients equal the reference
+// formula with the correctly rounded tanh, within one tanh ulp of torch's fp32 one.
 // All other arithmetic repeats the reference's fp32 operations in the same order. Multiply-adds
 // that must be fused are explicit fma calls, and nothing else may be fused: each including file
 // starts with `#pragma GCC optimize("fp-contract=off")`.

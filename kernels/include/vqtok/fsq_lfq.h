@@ -1,5 +1,7 @@
-// FSQ and LFQ kernels on raw pointers (torch-free). Semantics: tokenizers/vqtok/ops/reference.py,
-// bit for bit (codes, indices and gradients), for float32, float16 and bfloat16 inputs.
+// FSQ and LFQ kernels on raw pointers (torch-free). Semantics: tokenizers/vqtok/ops/reference.py
+// in the same fp32 operation order, for float32, float16 and bfloat16 inputs, with tanh evaluated
+// in double and rounded once to fp32 (torch's fp32 CPU tanh, MKL, is within one ulp of it; see
+// cpu/fsq_lfq_simd.h for what that means for codes at very large L).
 //
 // FSQ (Mentzer et al. 2023), per column j with L_j levels and host-side constants computed in
 // double and rounded to float exactly as reference.fsq_constants does:
