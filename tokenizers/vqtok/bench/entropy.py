@@ -2,7 +2,7 @@
 
 Each case is one (bits B, tokens N): forward + backward of ``per_sample - codebook`` entropy, median
 wall time after a warm-up, and peak extra memory (CPU: peak resident set growth, read from
-/proc/self/status after resetting it; CUDA: torch's peak allocation). Work per case, written out:
+/proc/self/status after ``malloc_trim`` and a reset of the peak; CUDA: torch's peak allocation). Work per case, written out:
 the codebook term is three GEMMs of 2 N 2^B flops (forward P1^T P2, backward P2 G^T and P1 G).
 
 vector-quantize-pytorch builds the N x 2^B softmax (and several same-sized temporaries); it runs
@@ -14,6 +14,7 @@ are reported as "needs X GiB, not run".
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import itertools
 import resource
@@ -56,6 +57,13 @@ def _status_kib(key: str) -> int:
     return 0
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 @contextlib.contextmanager
 def _peak_meter(device: torch.device):
     """Yields a dict that holds ``peak_mib`` (extra memory above the start) on exit."""
@@ -69,6 +77,7 @@ def _peak_meter(device: torch.device):
         torch.cuda.synchronize()
         out["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         return
+    _malloc_trim()  # return freed heap pages, so that re-used memory counts as growth again
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident set size (VmHWM) to the current one
