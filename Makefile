@@ -20,9 +20,9 @@ install: $(STAMP)
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# trains the demo image tokenizer on the bundled photos (CPU, a few minutes) into runs/demo-<date>-<time>
 demo: $(STAMP)
-	$(VENV)/bin/vqtok info
-	$(PY) benchmarks/bench_nearest_code.py --quick
+	$(VENV)/bin/vqtok train --preset demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=1200 tests

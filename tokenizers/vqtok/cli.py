@@ -188,7 +188,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="YAML", help="YAML file with model/quantizer/data/train/loss sections")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set train.steps=200 (repeatable; values parsed as YAML)")
-    p.add_argument("--out", default=None, metavar="RUN", help="run folder (default: runs/<preset or 'custom'>)")
+    p.add_argument("--out", default=None, metavar="RUN", help="run folder (default: runs/<preset or 'custom'>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -201,7 +201,10 @@ def _train_run(args: argparse.Namespace) -> int:
     from vqtok.losses import MissingWeightsError
     from vqtok.train import train
 
-    out = Path(args.out or os.path.join("runs", args.preset or "custom"))
+    if args.resume and not args.out:
+        return _fail("train", ValueError("--resume needs --out RUN (the run folder to continue)"))
+    stamp = __import__("time").strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or os.path.join("runs", f"{args.preset or 'custom'}-{stamp}"))
     base = None
     if args.resume:
         if not (out / "config.json").is_file():
