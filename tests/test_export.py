@@ -255,7 +255,7 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, saved, one_thread
     assert cli(["encode", *common, "--output", str(ref)]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "vqtok", "encode", *common, "--output", str(out)]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=200)
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=200, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = TokenDataset(ref), TokenDataset(out)
     assert a.keys == b.keys

@@ -152,7 +152,7 @@ def _agree_on_output(out: Path, ident: dict, rank: int, world: int) -> str:
     if rank == 0:
         try:
             status = _prepare_output(out, ident) or "go"
-        except Exception as e:  # every rank must learn about it, or the others wait forever
+        except Exception as e:  # noqa: BLE001 - every rank must learn about it, or the others wait forever
             status, err = f"error: {e}", e
     status = _broadcast(status, world)
     if err is not None:

@@ -57,7 +57,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", use_ema: bool = True
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         """Load a saved tokenizer folder (config.json + model.safetensors), a run folder (its latest
         checkpoint) or a checkpoint directory; ``use_ema`` picks the EMA weights when present."""
         path = Path(path)
@@ -74,7 +74,7 @@ class Tokenizer:
         return cls(model, cfg, device)
 
     @classmethod
-    def _load_saved(cls, folder: Path, device) -> "Tokenizer":
+    def _load_saved(cls, folder: Path, device) -> Tokenizer:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -114,7 +114,7 @@ class Tokenizer:
         atomic_write(folder / CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
         return folder
 
-    def to(self, device: str | torch.device) -> "Tokenizer":
+    def to(self, device: str | torch.device) -> Tokenizer:
         self.model.to(device)
         self.device = torch.device(device)
         return self

@@ -26,8 +26,8 @@ import json
 import math
 import os
 import tarfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -307,7 +307,8 @@ class _ShardView:
         self.path, self.layout, self.samples, self.grid, self.dtype = path, layout, samples, grid, dtype
         self._data = None
 
-    def _open(self):
+    def open(self):
+        """Map the file and check its shape, dtype and (tar) members; returns the mapped data."""
         if not self.path.is_file():
             raise TokenFormatError(self.path, "shard listed in the manifest is missing")
         if self.layout == "npy":
@@ -333,7 +334,7 @@ class _ShardView:
 
     @property
     def data(self):
-        return self._data if self._data is not None else self._open()
+        return self._data if self._data is not None else self.open()
 
     def rows(self, a: int, b: int) -> np.ndarray:
         data = self.data
@@ -465,7 +466,7 @@ def verify_tokens(root: str | os.PathLike, *, check_values: bool = True, progres
     ds = TokenDataset(root)
     m, root = ds.manifest, ds.root
     _check_file(root / m["keys"]["file"], m["keys"], "keys file")
-    ds.keys  # row count
+    _ = ds.keys  # reads keys.txt, checks its row count
     expect = 0
     for s in m["shards"]:
         if s["first"] != expect:
@@ -484,7 +485,7 @@ def verify_tokens(root: str | os.PathLike, *, check_values: bool = True, progres
                 if hi >= ds.codebook_size:
                     raise TokenFormatError(path, f"token id {hi} >= codebook_size {ds.codebook_size}")
         else:
-            view.data  # shape / dtype / member checks
+            view.open()  # shape / dtype / member checks
     if "offsets" in m:
         _check_file(root / m["offsets"]["file"], m["offsets"], "offsets index")
         offsets = ds.offsets
