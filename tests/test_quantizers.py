@@ -378,3 +378,19 @@ def test_state_dict_round_trip(key):
     m.eval(), m2.eval()
     z = torch.randn(3, 12, 5)
     assert torch.equal(m(z).quantized, m2(z).quantized)
+
+
+# --------------------------------------------------------------------------------------------
+# the `vqtok bench` modules suite (one in-process case per impl; the suite itself spawns)
+# --------------------------------------------------------------------------------------------
+def test_bench_modules_case_and_skip_rule():
+    from vqtok.bench import modules as bm
+
+    for module in bm.MODULES:
+        row = bm.run_case("vqtok", module, n=512, d=32, k=256 if module != "fsq" else 1024, reps=1)
+        assert row["ms"] > 0 and row["peak_mib"] >= 0, module
+    pytest.importorskip("vector_quantize_pytorch")
+    assert bm.run_case("peer", "vq", n=512, d=32, k=256, reps=1)["ms"] > 0
+    cfg = bm.ModulesBenchConfig()
+    assert bm._peer_skip_reason(65536, 65536, cfg) == "needs 16.0 GiB (N x K fp32 matrix)"
+    assert bm._peer_skip_reason(1024, 1024, cfg) is None
