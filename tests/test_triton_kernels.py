@@ -57,20 +57,23 @@ def test_duplicates_across_tiles_and_splits(precision):
 
 
 def test_feature_dim_past_one_chunk():
-    # D = 300 > BLOCK_D: the dot accumulates over several masked D chunks
+    # D = 300 > BLOCK_D: the dot accumulates over several masked D chunks (fast: one bf16 MMA)
     x, c = torch.randn(9, 300), torch.randn(70, 300)
     _search_matches_oracle(x, c, "exact")
     _search_matches_oracle(x, c, "fast")
+    _search_matches_oracle(x, c, "fast", operands="bf16x3")
 
 
 def test_topk_knob_and_validation():
     x, c = torch.randn(33, 12), torch.randn(100, 12)
-    for t in (1, 2, 8):
-        _search_matches_oracle(x, c, "fast", topk=t)
+    for t, op in ((1, "bf16x3"), (2, "bf16"), (8, "bf16")):
+        _search_matches_oracle(x, c, "fast", topk=t, operands=op)
     with pytest.raises(ValueError, match="topk must be a power of two"):
         nearest.search(x, c, "fast", topk=3)
     with pytest.raises(ValueError, match="precision"):
         nearest.search(x, c, "bf16")
+    with pytest.raises(ValueError, match="operands"):
+        nearest.search(x, c, "fast", operands="fp8")
 
 
 def test_autotune_configs_fit_the_shape():
@@ -122,20 +125,21 @@ def _near_tie_data(n=64, k=512, d=16):
     """Codes in pairs that differ below bf16 resolution, and rows between the two of a pair."""
     torch.manual_seed(1)
     base = torch.randn(k // 2, d)
-    eps = torch.randn(k // 2, d) * 1e-4
+    eps = torch.randn(k // 2, d) * 1e-5
     c = torch.stack([base + eps, base - eps], 1).reshape(k, d)
     pick = torch.randint(0, k // 2, (n,))
     x = base[pick] + 0.3 * eps[pick] + 1e-5 * torch.randn(n, d)
     return x, c
 
 
-def test_fast_mode_near_ties_are_exact():
+@pytest.mark.parametrize("operands", ["bf16", "bf16x3"])
+def test_fast_mode_near_ties_are_exact(operands):
     x, c = _near_tie_data()
-    # one candidate: the twin code is evicted within the bf16 bound, so the row is re-decided
-    stats = _search_matches_oracle(x, c, "fast", topk=1)
+    # one candidate: the twin code is evicted within the error bound, so the row is re-decided
+    stats = _search_matches_oracle(x, c, "fast", topk=1, operands=operands)
     assert stats["redo_fast"] > 0
     # four candidates: both twins are kept and the float64 re-scoring separates them
-    _search_matches_oracle(x, c, "fast", topk=4)
+    _search_matches_oracle(x, c, "fast", topk=4, operands=operands)
 
 
 def test_fast_mode_large_offsets_and_duplicates():
@@ -161,9 +165,12 @@ def test_certificate_is_what_makes_fast_mode_exact(monkeypatch):
     # defeats bf16 ranking, and the certificate (not luck) is what keeps the answer exact
     x, c = _near_tie_data()
     ref_idx, _ = nearest_f64(x, c)
-    zero = lambda x, cn, fast, inputs_bf16=False: (torch.zeros(x.shape[0], dtype=torch.float64, device=x.device),) * 2
+    def zero(x, cn, operands, inputs_bf16=False):
+        z = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        return z, z
+
     monkeypatch.setattr(_certify, "row_bounds", zero)
-    idx, _ = nearest.search(x, c, "fast", topk=1)
+    idx, _ = nearest.search(x, c, "fast", topk=1, operands="bf16")
     assert (idx != ref_idx).any()
 
 
@@ -172,14 +179,22 @@ def test_bounds_cover_observed_fp32_error():
     torch.manual_seed(4)
     x, c = 50 + torch.randn(40, 64), 50 + torch.randn(200, 64)
     cn = c.square().sum(1)
-    err, _ = _certify.row_bounds(x, cn, fast=False)
-    s32 = cn[None] - 2 * (x @ c.t())
     s64 = c.double().square().sum(1)[None] - 2 * (x.double() @ c.double().t())
-    assert ((s32.double() - s64).abs().amax(1) <= err).all()
-    err_fast, _ = _certify.row_bounds(x, cn, fast=True)
-    sb = cn[None] - 2 * (x.bfloat16().float() @ c.bfloat16().float().t())
-    assert ((sb.double() - s64).abs().amax(1) <= err_fast).all()
-    assert (err_fast > err).all()
+
+    def observed(xs, cs):  # the score error of fp32 products of xs, cs against float64
+        return ((cn[None] - 2 * (xs @ cs.t())).double() - s64).abs().amax(1)
+
+    b16 = lambda t: t.bfloat16().float()  # noqa: E731
+    err = {op: _certify.row_bounds(x, cn, op)[0] for op in _certify.OPERANDS}
+    assert (observed(x, c) <= err["fp32"]).all()
+    assert (observed(b16(x), b16(c)) <= err["bf16"]).all()
+    xh, ch = b16(x), b16(c)
+    x3 = torch.cat([xh, xh, b16(x - xh)], 1)
+    c3 = torch.cat([ch, b16(c - ch), ch], 1)
+    assert (observed(x3, c3) <= err["bf16x3"]).all()
+    assert (err["fp32"] < err["bf16x3"]).all() and (err["bf16x3"] < err["bf16"] / 50).all()
+    with pytest.raises(ValueError, match="operands"):
+        _certify.row_bounds(x, cn, "fp16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,22 +292,25 @@ from vqtok.ops.triton import fsq, lfq, nearest
 
 def build(fn, types, consts, arch=90, **opts):
     sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    return triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
+    src = ASTSource(fn, sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["ptx"]
 
 f32, s64 = "*fp32", {f"stride_{a}": "i64" for a in ("xn", "xd", "ck", "cd")}
-st = {"x_ptr": "*bf16", "c_ptr": "*bf16", "cn_ptr": f32, "out_v_ptr": f32, "out_i_ptr": "*i32", "out_e_ptr": f32, **s64}
+st = {"x_ptr": "*fp32", "c_ptr": "*fp32", "cn_ptr": f32, "out_v_ptr": f32, "out_i_ptr": "*i32", "out_e_ptr": f32,
+      **s64}
 meta = {"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_D": 64, "INTERPRET": False}
 out = {
-    "exact90": build(nearest._search_kernel, st, {**meta, "TOPK": 1, "FAST": False}, num_warps=8),
-    "fast90": build(nearest._search_kernel, st, {**meta, "TOPK": 4, "FAST": True}, num_warps=8),
-    "fast80": build(nearest._search_kernel, st, {**meta, "TOPK": 4, "FAST": True}, arch=80, num_warps=8),
+    "exact90": build(nearest._search_kernel, st, {**meta, "TOPK": 1, "MODE": 0}, num_warps=8),
+    "fast90": build(nearest._search_kernel, st, {**meta, "TOPK": 4, "MODE": 1}, num_warps=8),
+    "fast80": build(nearest._search_kernel, st, {**meta, "TOPK": 2, "MODE": 2}, arch=80, num_warps=8),
     "merge": build(nearest._merge_splits_kernel, {"v_ptr": f32, "i_ptr": "*i32", "e_ptr": f32, "out_v_ptr": f32,
                    "out_i_ptr": "*i32", "out_e_ptr": f32}, {"BLOCK_N": 64, "TOPK": 4}),
     "fsq": build(fsq._fsq_fwd_kernel, {"z_ptr": f32, "hl_ptr": f32, "off_ptr": f32, "shift_ptr": f32, "hw_ptr": f32,
-                 "basis_ptr": "*i64", "codes_ptr": f32, "idx_ptr": "*i32"}, {"BLOCK_M": 256, "BLOCK_D": 8, "INTERPRET": False},
-                 enable_fp_fusion=False),
+                 "basis_ptr": "*i64", "codes_ptr": f32, "idx_ptr": "*i32"},
+                 {"BLOCK_M": 256, "BLOCK_D": 8, "INTERPRET": False}, enable_fp_fusion=False),
 }
-json.dump({k: {"mma": ("mma" in v), "div_rn": "div.rn.f32" in v, "tanh": "tanh" in v} for k, v in out.items()}, sys.stdout)
+info = {k: {"mma": "mma" in v, "div_rn": "div.rn.f32" in v, "approx_tanh": "tanh.approx" in v} for k, v in out.items()}
+json.dump(info, sys.stdout)
 """
 
 
@@ -311,4 +329,4 @@ def test_kernels_compile_for_gpu_with_the_intended_precision():
     info = json.loads(proc.stdout)
     assert not info["exact90"]["mma"]  # exact: fp32 FMA on CUDA cores, no TF32 tensor cores
     assert info["fast90"]["mma"] and info["fast80"]["mma"]  # fast: bf16 tensor cores
-    assert info["fsq"]["div_rn"] and info["fsq"]["tanh"]  # IEEE division, libdevice tanh
+    assert info["fsq"]["div_rn"] and not info["fsq"]["approx_tanh"]  # IEEE division, libdevice (not approx) tanh

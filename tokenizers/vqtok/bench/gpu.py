@@ -107,7 +107,8 @@ def _method(name: str, cfg: GpuBenchConfig):
         def run(x, c, stats):
             cn = c.square().sum(1)
             rows = max(1, cfg.addmm_elems // c.shape[0])
-            return torch.cat([torch.addmm(cn, x[r : r + rows], c.t(), alpha=-2).argmin(1) for r in range(0, x.shape[0], rows)])
+            parts = [torch.addmm(cn, x[r : r + rows], c.t(), alpha=-2).argmin(1) for r in range(0, x.shape[0], rows)]
+            return torch.cat(parts)
 
         return run
     if name == "faiss_gpu":

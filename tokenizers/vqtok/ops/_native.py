@@ -179,7 +179,7 @@ if _C is not None and getattr(_C, "with_cuda", False) and hasattr(_C, "cuda_near
             score = torch.empty(n, dtype=torch.float64, device=dev)
             _C.cuda_rescore_f64(xf.data_ptr(), cf.data_ptr(), cand.data_ptr(), n, k, d, idx.data_ptr(),
                                 dist.data_ptr(), score.data_ptr(), s)
-            err, e64 = _certify.row_bounds(xf, cn, fast=False)
+            err, e64 = _certify.row_bounds(xf, cn, "fp32")
             redo = (~_certify.certified(second, score, err, e64)).nonzero().squeeze(1)
             if redo.numel():
                 ri, rd = _cref.nearest_code_l2(x.index_select(0, redo), codebook)

@@ -16,9 +16,12 @@ The bounds (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3), wi
 ``gamma_m = m u / (1 - m u)``; fp32 accumulation uses ``u = 2^-23`` (twice the unit roundoff, so
 truncating tensor-core adders are covered too):
 
-* exact (fp32 products, fp32 accumulation):  E = gamma_{D+2} (|c|^2_max + 2 S)
-* fast (operands rounded to bf16 first, exact products, fp32 accumulation):
+* ``"fp32"`` (exact: fp32 products, fp32 accumulation):  E = gamma_{D+2} (|c|^2_max + 2 S)
+* ``"bf16"`` (operands rounded to bf16, exact products, fp32 accumulation):
   E = gamma_{D+2} (|c|^2_max + 2 S (1 + 3 u_b)) + 2 S (2 u_b + u_b^2),  u_b = 2^-8 (0 for bf16 inputs)
+* ``"bf16x3"`` (x = x_hi + x_lo in two bf16 terms, likewise c; x_hi c_hi + x_hi c_lo + x_lo c_hi):
+  each product is off by at most 4 u_b^2 |x_i c_i| (the dropped x_lo c_lo and the roundings of the
+  lo terms), and 3D products are accumulated: E = gamma_{3D+4} (|c|^2_max + 2 S (1 + 3 u_b)) + 8 u_b^2 S
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ def _gamma(m: int, u: float) -> float:
     return m * u / (1.0 - m * u)
 
 
-def row_bounds(x: torch.Tensor, cn: torch.Tensor, fast: bool, inputs_bf16: bool = False):
+OPERANDS = ("fp32", "bf16", "bf16x3")
+
+
+def row_bounds(x: torch.Tensor, cn: torch.Tensor, operands: str, inputs_bf16: bool = False):
     """Per-row score error bounds.
 
     Args:
         x: [N, D] the search rows (any float dtype, any strides).
         cn: [K] float32 squared norms of the codes, as the kernel used them.
-        fast: bound for bf16 operands (True) or fp32 operands (False).
+        operands: how the kernel formed its dot products: "fp32", "bf16" or "bf16x3".
         inputs_bf16: the inputs already are bf16, so rounding them to bf16 is exact.
 
     Returns:
@@ -52,12 +58,15 @@ def row_bounds(x: torch.Tensor, cn: torch.Tensor, fast: bool, inputs_bf16: bool 
     cn_max = cn.max().to(torch.float64) * (1 + _gamma(d, U32))  # cn itself has error gamma_D
     cnorm_max = cn_max.sqrt() * (1 + U32)
     s_max = xn * cnorm_max
-    g = _gamma(d + 2, U32)
-    if fast:
-        ub = 0.0 if inputs_bf16 else UBF16
-        err = g * (cn_max + 2 * s_max * (1 + 3 * ub)) + 2 * s_max * (2 * ub + ub * ub)
+    ub = 0.0 if inputs_bf16 else UBF16
+    if operands == "fp32":
+        err = _gamma(d + 2, U32) * (cn_max + 2 * s_max)
+    elif operands == "bf16":
+        err = _gamma(d + 2, U32) * (cn_max + 2 * s_max * (1 + 3 * ub)) + 2 * s_max * (2 * ub + ub * ub)
+    elif operands == "bf16x3":
+        err = _gamma(3 * d + 4, U32) * (cn_max + 2 * s_max * (1 + 3 * ub)) + 8 * ub * ub * s_max
     else:
-        err = g * (cn_max + 2 * s_max)
+        raise ValueError(f"operands must be one of {OPERANDS}, got {operands!r}")
     # tiny absolute slack for subnormal operands (their rounding error is absolute, not relative)
     err = SAFETY * err + d * 2.0**-100
     e64 = 8 * _gamma(d + 2, U64) * (xn * xn + cn_max + 2 * s_max)

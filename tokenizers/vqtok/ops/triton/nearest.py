@@ -7,8 +7,11 @@ One program owns BLOCK_N rows of x [N, D] and streams the codebook [K, D] in BLO
 
 * ``precision="exact"``: fp32 operands (``input_precision="ieee"``), TOPK=1, so evicted is the
   second-best score.
-* ``precision="fast"``: operands rounded to bf16 (round-to-nearest-even, done with integer ops so
-  the interpreter and the GPU agree), exact products, fp32 accumulation; TOPK=4 candidates.
+* ``precision="fast"``: bf16 tensor-core dot products, fp32 accumulation. For D <= 64 the search is
+  bound by the per-pair epilogue, not the GEMM, so operands are split in two bf16 terms
+  (hi + lo, three MMAs: ~2^-16 relative error) and TOPK=2; above, one bf16 MMA (2^-8) and TOPK=4.
+  Rounding to bf16 is done with integer ops (round to nearest even), so the interpreter and the
+  GPU agree bit for bit.
 
 Then one small kernel re-scores the kept candidates in float64 (direct form ``sum((x - c)^2)``
 for the returned distance) and :mod:`._certify` decides which rows are proven; the rest are
@@ -47,6 +50,15 @@ def _round_bf16(v):
 
 
 @triton.jit
+def _dot_bf16(a, b, INTERPRET: tl.constexpr):
+    """a [M, R] @ b [R, N] of bf16-representable fp32 values, fp32 accumulation."""
+    if INTERPRET:  # bf16 tl.dot is wrong in the interpreter; bf16 products are exact in fp32
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+
+@triton.jit
 def _merge_topk(run_v, run_i, evicted, s, sidx, TOPK: tl.constexpr):
     """Merge a tile of scores s [BN, W] (indices sidx [BN, W]) into the sorted lists
     run_v/run_i [BN, TOPK]; order is (score, index). Returns (run_v, run_i, evicted)."""
@@ -81,7 +93,7 @@ def _search_kernel(
     BLOCK_K: tl.constexpr,  # codes per streamed tile (the MMA's N)
     BLOCK_D: tl.constexpr,  # feature chunk (the MMA's K), >= 16; D is padded and masked
     TOPK: tl.constexpr,  # candidates kept per row (1 for exact, a few for fast)
-    FAST: tl.constexpr,  # bf16 operands instead of fp32
+    MODE: tl.constexpr,  # dot operands: 0 fp32 (exact), 1 bf16, 2 bf16x3 (hi/lo split)
     INTERPRET: tl.constexpr,  # CPU interpreter: bf16 tl.dot is wrong there, so emulate it in fp32
 ):
     pid = tl.program_id(0)
@@ -112,15 +124,16 @@ def _search_kernel(
                 c_ptr + kk[None, :].to(tl.int64) * stride_ck + (d0 + dd)[:, None].to(tl.int64) * stride_cd,
                 mask=k_ok[None, :] & d_ok[:, None], other=0.0,
             ).to(tl.float32)
-            if FAST:
-                xt = _round_bf16(xt)
-                ct = _round_bf16(ct)
-                if INTERPRET:
-                    acc += tl.dot(xt, ct, input_precision="ieee")  # bf16 products are exact in fp32
-                else:
-                    acc += tl.dot(xt.to(tl.bfloat16), ct.to(tl.bfloat16))
-            else:
+            if MODE == 0:
                 acc += tl.dot(xt, ct, input_precision="ieee")
+            else:
+                xh = _round_bf16(xt)
+                ch = _round_bf16(ct)
+                acc += _dot_bf16(xh, ch, INTERPRET)
+                if MODE == 2:  # the residuals x - x_hi are exact in fp32
+                    xl = _round_bf16(xt - xh)
+                    cl = _round_bf16(ct - ch)
+                    acc += _dot_bf16(xh, cl, INTERPRET) + _dot_bf16(xl, ch, INTERPRET)
         cn = tl.load(cn_ptr + kk, mask=k_ok, other=0.0)
         s = tl.where(k_ok[None, :], cn[None, :] - 2.0 * acc, float("inf"))
         tile_min = tl.min(s, 1)
@@ -237,7 +250,7 @@ def _tuned_search_kernel(n: int, k: int, d: int):
     bucket and D, so the config list always fits the shape (GPU only: never under the interpreter)."""
     key = (triton.next_power_of_2(n), triton.next_power_of_2(k), d)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(configs=autotune_configs(n, k, d), key=["N", "K", "D", "TOPK", "FAST"])(
+        _TUNED[key] = triton.autotune(configs=autotune_configs(n, k, d), key=["N", "K", "D", "TOPK", "MODE"])(
             _search_kernel
         )
     return _TUNED[key]
@@ -269,7 +282,7 @@ def _split_count(n_row_tiles: int, k: int, bk: int, split_k: int | None, device:
     return max(1, min(want, k // (8 * bk)))
 
 
-def _launch_search(x, c, cn, topk, fast, block_n, block_k, split_k):
+def _launch_search(x, c, cn, topk, mode, block_n, block_k, split_k):
     """Run the search (and the split reduction); returns (cand_v [N,T], cand_i [N,T], evicted [N])."""
     n, d = x.shape
     k = c.shape[0]
@@ -282,7 +295,7 @@ def _launch_search(x, c, cn, topk, fast, block_n, block_k, split_k):
     out_i = torch.empty(splits, n, topk, dtype=torch.int32, device=dev)
     out_e = torch.empty(splits, n, dtype=torch.float32, device=dev)
     args = (x, c, cn, out_v, out_i, out_e, n, k, d, k_per, x.stride(0), x.stride(1), c.stride(0), c.stride(1))
-    meta = dict(BLOCK_D=_block_d(d), TOPK=topk, FAST=fast, INTERPRET=_interpreting())
+    meta = dict(BLOCK_D=_block_d(d), TOPK=topk, MODE=mode, INTERPRET=_interpreting())
     if _interpreting() or block_n or block_k:  # fixed launch shape
         _search_kernel[(triton.cdiv(n, bn) * splits,)](*args, BLOCK_N=bn, BLOCK_K=bk, **meta)
     else:  # the grid follows the tuned BLOCK_N; k_per need not be a multiple of BLOCK_K (masked)
@@ -326,25 +339,31 @@ def search(
     block_k: int | None = None,
     split_k: int | None = None,
     topk: int | None = None,
+    operands: str | None = None,
     stats: dict | None = None,
 ):
     """Certified nearest code. x [N, D], codebook [K, D] (same dtype, any strides) ->
     (int64 [N], float32 [N]); identical to ``ops.reference.nearest_code_l2``'s indices.
 
     block_n/block_k/split_k/topk override the launch shape (tests use them to force the
-    multi-tile and split-K paths); ``stats`` (a dict) receives how many rows were re-decided.
+    multi-tile and split-K paths); ``operands`` ("fp32" | "bf16" | "bf16x3") overrides how the fast
+    mode forms its dot products; ``stats`` (a dict) receives how many rows were re-decided.
     """
     if precision not in ("exact", "fast"):
         raise ValueError(f"precision must be 'exact' or 'fast', got {precision!r}")
     n, d = x.shape
     fast = precision == "fast"
-    t = topk or (4 if fast else 1)
+    operands = operands or ("fp32" if not fast else "bf16x3" if d <= 64 else "bf16")
+    if operands not in _certify.OPERANDS:
+        raise ValueError(f"operands must be one of {_certify.OPERANDS}, got {operands!r}")
+    t = topk or {"fp32": 1, "bf16x3": 2, "bf16": 4}[operands]
     if t & (t - 1):
         raise ValueError(f"topk must be a power of two, got {t}")
     cn = codebook.to(torch.float32).square().sum(1)  # [K] fp32 norms, error gamma_D |c|^2
-    _, cand_i, evicted = _launch_search(x, codebook, cn, t, fast, block_n, block_k, split_k)
+    mode = _certify.OPERANDS.index(operands)
+    _, cand_i, evicted = _launch_search(x, codebook, cn, t, mode, block_n, block_k, split_k)
     idx, dist, score64, gap = _rescore(x, codebook, cand_i, t)
-    err, e64 = _certify.row_bounds(x, cn, fast, inputs_bf16=x.dtype == torch.bfloat16)
+    err, e64 = _certify.row_bounds(x, cn, operands, inputs_bf16=x.dtype == torch.bfloat16)
     ok = _certify.certified(evicted, score64, err, e64) & (gap > e64)
     redo = (~ok).nonzero().squeeze(1)
     if stats is not None:
