@@ -82,8 +82,6 @@ def roofline_pairs_per_s(method: str, n: int, k: int, d: int) -> float:
 # methods: each returns a callable search(x, c) -> indices, and a dict of per-call stats
 # --------------------------------------------------------------------------------------------
 def _method(name: str, cfg: GpuBenchConfig):
-    from vqtok.ops import nearest_code
-
     if name in ("triton_exact", "triton_fast"):
         from vqtok.ops.triton import nearest
 
@@ -94,12 +92,13 @@ def _method(name: str, cfg: GpuBenchConfig):
 
         return run
     if name == "cuda_exact":
-        from vqtok.ops.dispatch import unavailable_reason
+        from vqtok.ops.dispatch import resolve, unavailable_reason
 
         why = unavailable_reason("cuda")
         if why is not None:
             raise RuntimeError(f"cuda backend unavailable: {why}")
-        return lambda x, c, stats: nearest_code(x, c, backend="cuda")[0]
+        impl = resolve("nearest_code_l2", "cuda", torch.device("cuda"))  # the kernel path, without input checks
+        return lambda x, c, stats: impl(x, c, "exact")[0]
     if name == "torch_cdist":
         return lambda x, c, stats: torch.cdist(x, c).argmin(1)
     if name == "torch_addmm":
