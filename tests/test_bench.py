@@ -16,7 +16,8 @@ from vqtok.ops.dispatch import unavailable_reason
 
 def test_cli_elementwise_tiny(tmp_path, capsys):
     js, png = tmp_path / "b.json", tmp_path / "p.png"
-    rc = main(["bench", "--tiny", "--suite", "elementwise", "--json", str(js), "--plot", str(png), "--out", str(tmp_path)])
+    argv = ["bench", "--tiny", "--suite", "elementwise", "--json", str(js), "--plot", str(png), "--out", str(tmp_path)]
+    rc = main(argv)
     assert rc == 0
     out = capsys.readouterr().out
     assert "== elementwise" in out and "speedup_vs_peer" in out and "machine:" in out

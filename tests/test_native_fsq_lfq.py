@@ -3,8 +3,8 @@
 Sizes are chosen to hit SIMD tails (rows not a multiple of 8/16/64) and the OpenMP split. tanh is
 the one place the kernels do not call torch: they evaluate it in double and round once, which is
 ``torch.tanh(x.double()).float()``; torch's own fp32 tanh (MKL) is within one ulp of that, so the
-FSQ codes and indices equal the reference's exactly for ordinary level counts, and every output equals the reference formula
-evaluated with the correctly rounded tanh. For very large L (half_l * ulp(tanh) near 1) a one-ulp
+FSQ codes and indices equal the reference's exactly for ordinary level counts, and every output
+equals the reference formula evaluated with the correctly rounded tanh. For very large L (half_l * ulp(tanh) near 1) a one-ulp
 tanh difference moves codes, so there only the correctly rounded oracle is exact.
 """
 
@@ -16,7 +16,9 @@ import torch
 from vqtok.ops import reference as ref
 from vqtok.ops.dispatch import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason("cpp") is not None, reason=f"cpp backend: {unavailable_reason('cpp')}")
+pytestmark = pytest.mark.skipif(
+    unavailable_reason("cpp") is not None, reason=f"cpp backend: {unavailable_reason('cpp')}"
+)
 
 if unavailable_reason("cpp") is None:
     from vqtok import _C
@@ -84,7 +86,9 @@ def test_tanh_bits(isa):
     assert int(diff.max()) <= 1
 
 
-@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [4] * 9, [3] * 33, [2**30 + 3]])
+@pytest.mark.parametrize(
+    "levels", [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [4] * 9, [3] * 33, [2**30 + 3]]
+)
 @pytest.mark.parametrize("m", [1, 15, 17, 63, 1031])
 def test_fsq_forward_bits(isa, levels, m):
     z = _z(m, len(levels), seed=m)

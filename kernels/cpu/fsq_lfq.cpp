@@ -95,7 +95,8 @@ void fsq_indices_to_codes(const void* indices, bool indices_int64, int64_t m, in
   for (int j = 0; j < d; ++j) hw[j] = float(levels[j] / 2);
   parallel_rows(m, d, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int64_t idx = indices_int64 ? static_cast<const int64_t*>(indices)[r] : static_cast<const int32_t*>(indices)[r];
+      const int64_t idx =
+          indices_int64 ? static_cast<const int64_t*>(indices)[r] : static_cast<const int32_t*>(indices)[r];
       for (int j = 0; j < d; ++j) {
         const int64_t digit = floor_mod(floor_div(idx, basis[j]), levels[j]);
         codes[r * d + j] = float(digit - levels[j] / 2) / hw[j];

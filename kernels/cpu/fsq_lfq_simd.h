@@ -370,7 +370,10 @@ void fsq_backward_rows(const FsqArgs& a, int64_t r0, int64_t r1) {
 inline void lfq_row_scalar(const LfqArgs& a, int64_t r) {
   uint64_t idx = 0;
   const int64_t base = r * a.bits;
-  for (int b = 0; b < a.bits; ++b) idx |= uint64_t(ScalarOps::sign_codes(load_scalar(a.z, base + b, a.dtype), a.codes + base + b)) << b;
+  for (int b = 0; b < a.bits; ++b) {
+    const float v = load_scalar(a.z, base + b, a.dtype);
+    idx |= uint64_t(ScalarOps::sign_codes(v, a.codes + base + b)) << b;
+  }
   if (a.indices_int64) static_cast<int64_t*>(a.indices)[r] = int64_t(idx);
   else static_cast<int32_t*>(a.indices)[r] = int32_t(idx);
 }

@@ -121,7 +121,8 @@ def _peer_rows(cfg: ElementwiseBenchConfig) -> list[dict]:
     try:
         from vector_quantize_pytorch import FSQ, LFQ  # noqa: PLC0415
     except ImportError as e:
-        return [{"op": op, "backend": "vector-quantize-pytorch", "note": f"not installed ({e})"} for op in ("fsq", "lfq")]
+        note = f"not installed ({e})"
+        return [{"op": op, "backend": "vector-quantize-pytorch", "note": note} for op in ("fsq", "lfq")]
     g = torch.Generator().manual_seed(0)
     levels = list(cfg.fsq_levels)
     zf = torch.randn(1, cfg.n, len(levels), generator=g) * 2
