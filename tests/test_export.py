@@ -282,3 +282,13 @@ def test_train_tiny_gpt_example_learns_from_exported_tokens(tmp_path, saved, one
     assert abs(losses[0] - np.log(64)) < 0.2  # starts near uniform over the 64 codes
     assert np.mean(losses[-5:]) < np.log(64) - 0.5  # and learns the token statistics
     assert len(per_sample) == 2 and abs(per_sample[0] - np.log(65)) < 0.2  # vocab + BOS
+
+
+def test_saved_pixels_invert_the_data_transform():
+    from vqtok.data.images import BuiltinImages, scaled_photo
+
+    ds = BuiltinImages("eval", 32, 0, (0.5,))
+    for i in (0, 3):
+        photo, scale, y, x = ds.tiles[i]
+        crop = np.asarray(scaled_photo(photo, scale).crop((x, y, x + 32, y + 32)))
+        assert np.array_equal(to_uint8(ds[i]), crop)  # decoded PNGs use the inverse of the input transform
