@@ -142,3 +142,15 @@ def test_backend_rejects_mismatched_dtypes():
     impl = resolve("nearest_code_l2", "cpp", torch.device("cpu"))
     with pytest.raises(TypeError, match="one dtype"):
         impl(torch.randn(3, 2), torch.randn(4, 2, dtype=torch.float64), "exact")
+
+
+def test_duplicates_in_sibling_groups_are_redecided(isa):
+    # codes 5, 13 and 21 sit in the same lane of neighbouring SIMD groups (W = 8 or 16): the
+    # kernel keeps one minimum per lane, so the certificate must still see the duplicate
+    c = torch.randn(64, 8) * 2
+    c[13] = c[5]
+    c[21] = c[5]
+    x = c[5] + 1e-3 * torch.randn(20, 8)
+    idx = _check(x, c, isa)
+    assert (idx == 5).all()
+    assert _raw(x, c)[2] == x.shape[0]  # every row has an exact tie: all re-decided

@@ -18,6 +18,7 @@ struct Ops256 {
   static V set1(float x) { return _mm256_set1_ps(x); }
   static I set1i(int32_t x) { return _mm256_set1_epi32(x); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static void update(V& b, V& s2, I& id, V s, I vbase) {
     const __m256 lt = _mm256_cmp_ps(s, b, _CMP_LT_OQ);
     id = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(id), _mm256_castsi256_ps(vbase), lt));

@@ -21,6 +21,7 @@ struct Ops512 {
   // Lane update with score s of the code group starting at vbase: 4 ops. nl = lanes where s is
   // not below the best: they keep their index and fold s into the second best; the others move
   // the old best into the second best.
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static void update(V& b, V& s2, I& id, V s, I vbase) {
     const __mmask16 nl = _mm512_cmp_ps_mask(s, b, _CMP_NLT_UQ);
     id = _mm512_mask_blend_epi32(nl, vbase, id);
@@ -41,7 +42,7 @@ struct Ops512 {
   }
 };
 
-constexpr int kMr = 8, kNrv = 3;
+constexpr int kMr = 12, kNrv = 2;
 
 }  // namespace
 

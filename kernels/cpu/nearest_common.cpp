@@ -203,7 +203,7 @@ NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int
   const bool huge = cs.abs_max > 1e18;
 
   // Row blocks of the main pass: ~64 KiB of rows (at least 16 micro-tiles for small d).
-  int64_t mb = std::clamp<int64_t>(16384 / d / mr * mr, int64_t{mr} * 2, int64_t{mr} * 16);
+  int64_t mb = std::clamp<int64_t>(16384 / d / mr * mr, int64_t{mr} * 2, int64_t{mr} * kMaxBlockTiles);
   mb = std::min(mb, round_up(n, mr));
   const int64_t nblocks = (n + mb - 1) / mb;
   // Rows re-decided by scores are processed fb at a time (scores buffer fb x kp floats).

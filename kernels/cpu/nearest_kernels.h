@@ -18,8 +18,8 @@ namespace vqtok::nearest_detail {
 // when strictly smaller, so ties keep the lowest index); after the panel the lanes are reduced
 // and merged into gbest / gsec / gidx.
 struct BlockArgs {
-  const float* xq;      // rows*d floats, row-major; rows is a multiple of the kernel's MR
-  int64_t rows;
+  const float* xq;      // rows*d floats, row-major
+  int64_t rows;         // a multiple of the kernel's MR, at most kMaxBlockTiles * MR
   int64_t valid_rows;   // rows [valid_rows, rows) are zero padding and are not merged
   int64_t d;
   const float* panel;   // nchunks*d*NRV*W floats
@@ -34,6 +34,8 @@ struct BlockArgs {
   float* scores;
   int64_t ld;
 };
+
+constexpr int kMaxBlockTiles = 16;
 
 struct BlockKernel {
   int width;  // W: codes per group (SIMD lanes)

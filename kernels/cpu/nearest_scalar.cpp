@@ -50,6 +50,11 @@ struct OpsScalar {
     for (int l = 0; l < W; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
     return r;
   }
+  static V min(const V& a, const V& b) {
+    V r;
+    for (int l = 0; l < W; ++l) r.v[l] = b.v[l] < a.v[l] ? b.v[l] : a.v[l];
+    return r;
+  }
   static void update(V& b, V& s2, I& id, const V& s, const I& vbase) {
     for (int l = 0; l < W; ++l) {
       if (s.v[l] < b.v[l]) {

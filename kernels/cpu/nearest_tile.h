@@ -14,13 +14,14 @@
 namespace vqtok::nearest_detail {
 namespace {
 
-template <class O, int MR, int NRV, bool kScores>
-inline void micro_tile(const float* __restrict xq, int64_t d, const float* __restrict cp,
+template <class O, int MR, int NRV, bool kScores, int DC = 0>
+__attribute__((always_inline)) inline void tile_body(const float* __restrict xq, int64_t d_rt, const float* __restrict cp,
                        const float* __restrict cn, int32_t base, float* __restrict best,
                        float* __restrict second, int32_t* __restrict idx,
                        float* __restrict scores, int64_t ld) {
   using V = typename O::V;
   constexpr int W = O::W, CW = NRV * W;
+  const int64_t d = DC > 0 ? DC : d_rt;  // DC: feature count known at compile time (0: not)
   V acc[MR][NRV];
   {  // feature 0 peeled: the accumulators start as norm + x0 * c0 (no register copies)
     V cv[NRV];
@@ -50,13 +51,19 @@ inline void micro_tile(const float* __restrict xq, int64_t d, const float* __res
 #pragma GCC unroll 8
       for (int v = 0; v < NRV; ++v) O::store(scores + r * ld + v * W, acc[r][v]);
   } else {
+    const typename O::I vbase = O::set1i(base);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       V b = O::load(best + r * W);
       V s2 = O::load(second + r * W);
       typename O::I id = O::loadi(idx + r * W);
+      // Only the row's minimum over the NRV groups enters the lane state (1 op per extra
+      // group instead of a 4-op update); reduce() later recovers which group held it and the
+      // score of its siblings, which are the only values this leaves out of the second best.
+      V mn = acc[r][0];
 #pragma GCC unroll 8
-      for (int v = 0; v < NRV; ++v) O::update(b, s2, id, acc[r][v], O::set1i(base + v * W));
+      for (int v = 1; v < NRV; ++v) mn = O::min(mn, acc[r][v]);
+      O::update(b, s2, id, mn, vbase);
       O::store(best + r * W, b);
       O::store(second + r * W, s2);
       O::storei(idx + r * W, id);
@@ -64,44 +71,94 @@ inline void micro_tile(const float* __restrict xq, int64_t d, const float* __res
   }
 }
 
-// Runs a whole block: each row tile (MR rows, L1-resident) sweeps the panel's chunks, which
-// stream from L2 as one sequential stream, with its lane state on the stack; then the lanes are
-// reduced and merged into the rows' running best / second / index (panels arrive in ascending
-// code order, so an equal best keeps the earlier, lower index).
+// One micro-tile (kept out of line: inlined into the block loops, GCC spills the code vectors).
+template <class O, int MR, int NRV, bool kScores>
+__attribute__((noinline)) void micro_tile(const float* xq, int64_t d, const float* cp, const float* cn,
+                                          int32_t base, float* best, float* second, int32_t* idx,
+                                          float* scores, int64_t ld) {
+  tile_body<O, MR, NRV, kScores>(xq, d, cp, cn, base, best, second, idx, scores, ld);
+}
+
+// Small d: one row tile sweeps all chunks of the panel in one call (DC = d when it is a
+// compile-time size, so the feature loop unrolls completely).
+template <class O, int MR, int NRV, int DC>
+__attribute__((noinline)) void micro_sweep(const float* xq, int64_t d, const float* panel,
+                                           const float* norms, int64_t nchunks, int32_t base,
+                                           float* best, float* second, int32_t* idx) {
+  constexpr int CW = NRV * O::W;
+  for (int64_t q = 0; q < nchunks; ++q)
+    tile_body<O, MR, NRV, false, DC>(xq, d, panel + q * d * CW, norms + q * CW,
+                                     base + static_cast<int32_t>(q * CW), best, second, idx,
+                                     nullptr, 0);
+}
+
+// Runs a whole block with its lane state on the stack, then reduces the lanes and merges them
+// into the rows' running best / second / index (panels arrive in ascending code order, so an
+// equal best keeps the earlier, lower index). Small d: each row tile (L1-resident) sweeps the
+// panel's chunks as one sequential stream from L2. Large d: each chunk (NRV*W codes x d) stays
+// in L1 while the block's row tiles stream past it.
 template <class O, int MR, int NRV>
 void run_block(const BlockArgs& a) {
   constexpr int W = O::W, CW = NRV * W;
   const int64_t d = a.d;
-  alignas(64) float lb[MR * W], ls[MR * W];
-  alignas(64) int32_t li[MR * W];
-  for (int64_t r0 = 0; r0 < a.rows; r0 += MR) {
-    const float* xq = a.xq + r0 * d;
-    if (a.scores != nullptr) {
+  if (a.scores != nullptr) {
+    for (int64_t r0 = 0; r0 < a.rows; r0 += MR)
       for (int64_t q = 0; q < a.nchunks; ++q)
-        micro_tile<O, MR, NRV, true>(xq, d, a.panel + q * d * CW, a.norms + q * CW, 0, nullptr,
-                                     nullptr, nullptr, a.scores + r0 * a.ld + q * CW, a.ld);
+        micro_tile<O, MR, NRV, true>(a.xq + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW, 0,
+                                     nullptr, nullptr, nullptr, a.scores + r0 * a.ld + q * CW, a.ld);
+    return;
+  }
+  alignas(64) float lb[kMaxBlockTiles * MR * W], ls[kMaxBlockTiles * MR * W];
+  alignas(64) int32_t li[kMaxBlockTiles * MR * W];
+  for (int64_t i = 0; i < a.rows * W; ++i) lb[i] = ls[i] = __builtin_inff(), li[i] = 0;
+  auto tile = [&](int64_t r0, int64_t q) {
+    micro_tile<O, MR, NRV, false>(a.xq + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW,
+                                  a.code_base + static_cast<int32_t>(q * CW), lb + r0 * W,
+                                  ls + r0 * W, li + r0 * W, nullptr, 0);
+  };
+  if (d <= 16) {
+    for (int64_t r0 = 0; r0 < a.rows; r0 += MR) {
+      auto sweep = d == 8 ? &micro_sweep<O, MR, NRV, 8>
+                   : d == 16 ? &micro_sweep<O, MR, NRV, 16> : &micro_sweep<O, MR, NRV, 0>;
+      sweep(a.xq + r0 * d, d, a.panel, a.norms, a.nchunks, a.code_base, lb + r0 * W,
+            ls + r0 * W, li + r0 * W);
+    }
+  } else {
+    for (int64_t q = 0; q < a.nchunks; ++q)
+      for (int64_t r0 = 0; r0 < a.rows; r0 += MR) tile(r0, q);
+  }
+  for (int64_t r = 0; r < a.valid_rows; ++r) {
+    float best, sec;
+    int32_t code;
+    O::reduce_row(lb + r * W, ls + r * W, li + r * W, best, sec, code);
+    float& gb = a.gbest[r];
+    float& gs = a.gsec[r];
+    if (!(best < gb)) {  // the panel's minimum bounds all its codes, siblings included
+      if (best < gs) gs = best;
       continue;
     }
-    for (int i = 0; i < MR * W; ++i) lb[i] = ls[i] = __builtin_inff(), li[i] = 0;
-    for (int64_t q = 0; q < a.nchunks; ++q)
-      micro_tile<O, MR, NRV, false>(xq, d, a.panel + q * d * CW, a.norms + q * CW,
-                                    a.code_base + static_cast<int32_t>(q * CW), lb, ls, li,
-                                    nullptr, 0);
-    const int64_t valid = a.valid_rows - r0 < MR ? a.valid_rows - r0 : MR;
-    for (int64_t r = 0; r < valid; ++r) {
-      float best, sec;
-      int32_t code;
-      O::reduce_row(lb + r * W, ls + r * W, li + r * W, best, sec, code);
-      float& gb = a.gbest[r0 + r];
-      float& gs = a.gsec[r0 + r];
-      if (best < gb) {
-        gs = sec < gb ? sec : gb;
-        gb = best;
-        a.gidx[r0 + r] = code;
-      } else if (best < gs) {
-        gs = best;
+    if constexpr (NRV > 1) {
+      // code = chunk start + lane; the winner is the lowest group v whose score equals best,
+      // and its siblings' scores join the second best. They are recomputed with the kernel's
+      // exact FMA sequence (bitwise identical), only when the panel improves the row's best.
+      const int64_t off = code - a.code_base, q = off / CW, lane = off % CW;
+      const float* cp = a.panel + q * d * CW + lane;
+      const float* xr = a.xq + r * d;
+      float s[NRV];
+      for (int v = 0; v < NRV; ++v) s[v] = __builtin_fmaf(xr[0], cp[v * W], a.norms[q * CW + lane + v * W]);
+      for (int64_t j = 1; j < d; ++j)
+        for (int v = 0; v < NRV; ++v) s[v] = __builtin_fmaf(xr[j], cp[j * CW + v * W], s[v]);
+      int win = -1;
+      for (int v = 0; v < NRV; ++v) {
+        if (win < 0 && s[v] == best) win = v;
+        else if (s[v] < sec) sec = s[v];
       }
+      if (win < 0) win = 0, sec = best;  // unreachable for finite scores: force a re-decision
+      code += win * W;
     }
+    gs = sec < gb ? sec : gb;
+    gb = best;
+    a.gidx[r] = code;
   }
 }
 
