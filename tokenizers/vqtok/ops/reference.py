@@ -13,7 +13,9 @@ Conventions (documented contract, see DESIGN.md "Ops contract"):
 * FSQ (Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple"): per dimension with
   L levels, ``half_l = (L-1)(1-eps)/2``, ``offset = 0.5`` for even L else 0,
   ``shift = atanh(offset/half_l)``, ``bound = tanh(z + shift) * half_l - offset``, round half to
-  even, divide by ``L // 2``. For L = 2 the shift would be atanh of a value above 1; there the
+  even, divide by ``L // 2``. ``tanh`` is evaluated in float64 and rounded once to fp32
+  (correctly rounded, so every backend can match it bit for bit; torch's fp32 tanh is not
+  correctly rounded and differs between CPUs). For L = 2 the shift would be atanh of a value above 1; there the
   shift is 0, which splits the two levels {-1, 0} symmetrically at z = 0. Digits are
   ``level + L // 2``; the index is ``sum_i digit_i * basis_i`` with ``basis = [1, L0, L0*L1, ...]``
   (the first dimension is the least significant digit).
@@ -97,6 +99,11 @@ def cosine_distance_of(xn: torch.Tensor, cn: torch.Tensor, idx: torch.Tensor) ->
 # --------------------------------------------------------------------------------------------
 # FSQ
 # --------------------------------------------------------------------------------------------
+def _tanh_rn(t: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 tanh: evaluated in float64, rounded once."""
+    return torch.tanh(t.to(torch.float64)).to(torch.float32)
+
+
 def fsq_constants(levels: list[int], dtype=torch.float32, device=None):
     """Per-dimension (half_l, offset, shift, half_width) tensors of the FSQ bound."""
     lv = torch.tensor(levels, dtype=torch.float64)
@@ -123,7 +130,7 @@ def fsq_forward(z: torch.Tensor, levels: list[int]):
     """z [M, d] -> (codes float32 [M, d] in [-1, 1], indices [M] int32/int64)."""
     half_l, offset, shift, half_width = fsq_constants(levels, device=z.device)
     z32 = z.to(torch.float32)
-    bound = torch.tanh(z32 + shift) * half_l - offset
+    bound = _tanh_rn(z32 + shift) * half_l - offset
     q = torch.round(bound)  # round half to even
     codes = q / half_width
     digits = (q + half_width).to(torch.int64)
@@ -134,7 +141,7 @@ def fsq_forward(z: torch.Tensor, levels: list[int]):
 def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, levels: list[int]) -> torch.Tensor:
     """Straight-through rounding: d codes / d z = half_l * (1 - tanh^2(z + shift)) / (L // 2)."""
     half_l, _, shift, half_width = fsq_constants(levels, device=z.device)
-    t = torch.tanh(z.to(torch.float32) + shift)
+    t = _tanh_rn(z.to(torch.float32) + shift)
     return grad_codes.to(torch.float32) * (1 - t * t) * (half_l / half_width)
 
 
