@@ -259,10 +259,24 @@ class _CodebookEntropyTorch(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # per-sample entropy
 # --------------------------------------------------------------------------------------------
+class _PerSampleExactSum(torch.autograd.Function):
+    """sum_n sum_b H(sigmoid(a_nb)), H = softplus(-|a|) + |a| sigmoid(-|a|) (no cancellation);
+    dH/da = -a p (1 - p). Saves only a."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        x = a.abs()
+        return (F.softplus(-x) + x * torch.sigmoid(-x)).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        return -g * a * torch.sigmoid(a) * torch.sigmoid(-a)
+
+
 def per_sample_exact_sum(a: torch.Tensor) -> torch.Tensor:
-    """sum_n sum_b H(sigmoid(a_nb)); H = softplus(-|a|) + |a| sigmoid(-|a|) (no cancellation)."""
-    x = a.abs()
-    return (F.softplus(-x) + x * torch.sigmoid(-x)).sum()
+    return _PerSampleExactSum.apply(a)
 
 
 def _per_token_vqtorch(a: torch.Tensor, b1: int) -> torch.Tensor:
