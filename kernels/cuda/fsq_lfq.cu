@@ -1,5 +1,5 @@
 // FSQ and LFQ on CUDA, bit-identical to vqtok/ops/reference.py evaluated by torch on the GPU:
-// tanhf is the CUDA math library's (the one torch's tanh calls), rintf rounds half to even, and
+// tanh is evaluated in double and rounded once (the spec's correctly rounded fp32 tanh), rintf rounds half to even, and
 // the arithmetic follows the reference's fp32 order with one rounding per torch op (the __f*_rn
 // intrinsics are never contracted into FMAs). Indices are built from the integer levels.
 #include <cuda_runtime.h>
@@ -24,7 +24,7 @@ __global__ void fsq_forward_kernel(const float* __restrict__ z, int64_t m, int64
   if (r >= m) return;
   int64_t idx = 0;
   for (int64_t i = 0; i < d; ++i) {
-    const float t = tanhf(__fadd_rn(z[r * d + i], shift[i]));
+    const float t = __double2float_rn(tanh(static_cast<double>(__fadd_rn(z[r * d + i], shift[i]))));
     const float q = rintf(__fsub_rn(__fmul_rn(t, half_l[i]), offset[i]));
     codes[r * d + i] = __fdiv_rn(q, half_width[i]);
     idx += static_cast<int64_t>(q + half_width[i]) * basis[i];
@@ -41,7 +41,7 @@ __global__ void fsq_backward_kernel(const float* __restrict__ grad, const float*
   const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= m * d) return;
   const int64_t i = e % d;
-  const float t = tanhf(__fadd_rn(z[e], shift[i]));
+  const float t = __double2float_rn(tanh(static_cast<double>(__fadd_rn(z[e], shift[i]))));
   grad_z[e] = __fmul_rn(__fmul_rn(grad[e], __fsub_rn(1.f, __fmul_rn(t, t))), __fdiv_rn(half_l[i], half_width[i]));
 }
 

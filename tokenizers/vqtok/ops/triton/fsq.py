@@ -4,12 +4,9 @@ Same semantics as ``ops.reference`` bit for bit: fp32 math in the reference's or
 ``bound = tanh(z + shift) * half_l - offset``, round half to even, ``codes = q / (L // 2)``,
 ``index = sum_i (q_i + L_i // 2) * basis_i`` in int64 (first dimension least significant).
 
-tanh must match torch's bit for bit. On the GPU ``libdevice.tanh`` is the CUDA math library's
-``tanhf`` that torch calls (Triton links libdevice with denormal flushing, so only a subnormal tanh
-can differ, in the sign of a zero code). The CPU interpreter has no libdevice: there tanh is
-evaluated in float64 and rounded once to fp32, i.e. correctly rounded; torch's vectorised CPU tanh
-is within 1 ulp of it, which moves a code only when the bound lies within an ulp of a rounding
-edge. Rounding half to even uses exact floor/fraction arithmetic, identical on both. Divisions are
+tanh is the spec's correctly rounded fp32 tanh: evaluated in float64 and rounded once (on the GPU
+``libdevice.tanh`` in double; the CPU interpreter has no libdevice, so there it is built from exp in
+float64, accurate to far below an fp32 ulp). Rounding half to even uses exact floor/fraction arithmetic, identical on both. Divisions are
 ``div_rn`` (IEEE) and kernels launch without FMA contraction, so each fp32 op rounds once, like
 torch's.
 """
@@ -37,7 +34,7 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _tanh_f32(a, INTERPRET: tl.constexpr):
-    """fp32 tanh with the same bits as torch.tanh on this device."""
+    """Correctly rounded fp32 tanh: float64 evaluation, one rounding (ops.reference._tanh_rn)."""
     if INTERPRET:
         a64 = a.to(tl.float64)
         ax = tl.abs(a64)
@@ -47,7 +44,7 @@ def _tanh_f32(a, INTERPRET: tl.constexpr):
         t = tl.where(ax < 1e-3, small, big)
         return tl.where(a64 < 0, -t, t).to(tl.float32)
     else:
-        return libdevice.tanh(a)
+        return libdevice.tanh(a.to(tl.float64)).to(tl.float32)
 
 
 @triton.jit
