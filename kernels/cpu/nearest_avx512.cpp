@@ -1,5 +1,5 @@
-// AVX-512 block kernel of the nearest-code search: 16 codes per zmm, 8 rows x 3 zmm micro-tile
-// (24 accumulators, broadcasts folded into the FMAs).
+// AVX-512 block kernels of the nearest-code search: 16 codes per zmm, 24 accumulators per
+// micro-tile (6 x 4 or 12 x 2 zmm by d), broadcasts folded into the FMAs.
 #include <immintrin.h>
 
 #include "nearest_tile.h"
@@ -42,13 +42,14 @@ struct Ops512 {
   }
 };
 
-constexpr int kMr = 12, kNrv = 2;
-
 }  // namespace
 
-const BlockKernel& avx512_kernel() {
-  static const BlockKernel k{Ops512::W, kMr, kNrv, true, "avx512", &run_block<Ops512, kMr, kNrv>};
-  return k;
+// d <= 128: 6 rows x 4 zmm (one lane update per 4 score vectors; a 64-code chunk of d floats
+// stays within 32 KiB of L1). Larger d: 12 rows x 2 zmm, whose 32-code chunks still fit L1.
+const BlockKernel& avx512_kernel(int64_t d) {
+  static const BlockKernel small{Ops512::W, 6, 4, true, "avx512", &run_block<Ops512, 6, 4>};
+  static const BlockKernel large{Ops512::W, 12, 2, true, "avx512", &run_block<Ops512, 12, 2>};
+  return d <= 128 ? small : large;
 }
 
 }  // namespace vqtok::nearest_detail

@@ -60,11 +60,11 @@ void to_float(const void* p, DType t, int64_t off, int64_t n, float* out) {
   }
 }
 
-const BlockKernel& pick_kernel() {
+const BlockKernel& pick_kernel(int64_t d) {
   switch (active_isa()) {
-    case Isa::Avx512: return avx512_kernel();
-    case Isa::Avx2: return avx2_kernel();
-    default: return scalar_kernel();
+    case Isa::Avx512: return avx512_kernel(d);
+    case Isa::Avx2: return avx2_kernel(d);
+    default: return scalar_kernel(d);
   }
 }
 
@@ -190,7 +190,7 @@ struct Search {
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool /*fast*/, int64_t* out_idx, float* out_dist) {
   using namespace nearest_detail;
-  Search S(pick_kernel(), x, codebook, dtype, n, k, d);
+  Search S(pick_kernel(d), x, codebook, dtype, n, k, d);
   NearestStats stats;
   stats.isa = S.kern.name;
   if (n <= 0) return stats;

@@ -46,8 +46,9 @@ struct BlockKernel {
   void (*run)(const BlockArgs&);
 };
 
-const BlockKernel& scalar_kernel();
-const BlockKernel& avx2_kernel();
-const BlockKernel& avx512_kernel();
+// The kernel for feature dim d (a level may pick its micro-tile shape by d).
+const BlockKernel& scalar_kernel(int64_t d);
+const BlockKernel& avx2_kernel(int64_t d);
+const BlockKernel& avx512_kernel(int64_t d);
 
 }  // namespace vqtok::nearest_detail

@@ -76,7 +76,7 @@ constexpr int kMr = 4, kNrv = 1;
 
 }  // namespace
 
-const BlockKernel& scalar_kernel() {
+const BlockKernel& scalar_kernel(int64_t /*d*/) {
   static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>};
   return k;
 }
