@@ -9,9 +9,9 @@ NATIVE := $(shell find kernels -type f) CMakeLists.txt setup.py pyproject.toml
 
 $(STAMP): $(NATIVE)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q setuptools wheel pybind11 cmake ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -qq torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -qq setuptools wheel pybind11 cmake ninja
+	$(PY) -m pip install -qq --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
