@@ -251,3 +251,41 @@ def test_report_video_audio_and_unavailable(tmp_path):
     assert "examples.png" in scan_page(page).images
     with pytest.raises(FileNotFoundError, match="neither"):
         rebuild_report_from(tmp_path / "v")
+
+
+# --------------------------------------------------------------------------------------------
+# `vqtok eval` / `vqtok report` on a real (tiny) training run
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from vqtok.config import load_config
+    from vqtok.train import train
+
+    run = tmp_path_factory.mktemp("evalrun") / "run"
+    cfg = load_config("demo", None, [
+        "train.steps=3", "train.batch_size=2", "train.ckpt_every=3", "train.keep_last=1", "train.log_every=1",
+        "train.eval_every=2", "train.eval_batches=1", "train.threads=1", "data.train_samples=8",
+        "data.eval_samples=4", "train.tensorboard=false", "model.channels=4", "data.size=16"])
+    res = train(cfg, run, progress=False)
+    assert "dead_codes" in res and "collapse" in res  # the training loop evaluates with vqtok.evaluate
+    return run
+
+
+def test_cli_eval_and_report_on_a_run(tiny_run, monkeypatch, tmp_path, capsys):
+    from vqtok.cli import main
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no weights: reported unavailable
+    assert main(["eval", "--checkpoint", str(tiny_run), "--max-samples", "3", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "alexnet-owt-7be5be79.pth" in out and "report:" in out
+    metrics = json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    assert metrics["samples"] == 3 and metrics["psnr"] > 0 and metrics["lpips"] is None
+    assert metrics["unavailable"]["rfid"]["path"].endswith("pt_inception-2015-12-05-6726825d.pth")
+    page = tiny_run / "eval" / "report" / "index.html"
+    scan = assert_page_matches(page, metrics)
+    assert {"examples.png", "usage_histogram.png", "usage_map.png", "training_curves.png"} <= set(scan.images)
+    (page.parent / "usage_map.png").unlink()
+    assert main(["report", str(tiny_run)]) == 0  # rebuilt from the run folder
+    assert_page_matches(page, metrics)
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 1
+    assert "vqtok eval: error" in capsys.readouterr().err

@@ -151,7 +151,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         metrics, page = evaluate_checkpoint(args.checkpoint, data=args.data, out=args.out,
                                             max_samples=args.max_samples, batch_size=args.batch_size,
                                             lpips=not args.no_lpips, fid=not args.no_fid, device=args.device)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: vqtok.checkpoint.CheckpointError
         return _fail("eval", e)
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -15,6 +15,7 @@ entropy_bits     entropy of the code histogram, in bits (log2 K at most)
 dead_codes       codes never used over the set
 collapse         True when few of the codes the set could reach carry it (see codebook_stats)
 layers           residual quantizers only: a list of the above per depth layer
+l1               mean absolute reconstruction error (inputs in [-1, 1])
 psnr, ssim       mean per-sample PSNR (dB, data range 2) and SSIM; None where not applicable
 lpips, rfid      mean LPIPS / reconstruction FID; None when unavailable
 unavailable      {metric: {"reason", "path"}} for every metric that could not be computed
@@ -93,10 +94,11 @@ def _first_tensor(batch) -> torch.Tensor:
     raise TypeError(f"cannot find the input tensor in a batch of type {type(batch).__name__}")
 
 
-def _make_loader(data, batch_size: int, max_samples: int | None, num_workers: int) -> tuple[DataLoader, int | None]:
+def _make_loader(data, batch_size: int, max_samples: int | None, num_workers: int,
+                 sync: bool) -> tuple[DataLoader, int | None]:
     """A loader over this rank's shard, and the number of samples this rank may use (None: all)."""
-    world = torch.distributed.get_world_size() if dist_ready() else 1
-    rank = torch.distributed.get_rank() if dist_ready() else 0
+    world = torch.distributed.get_world_size() if sync else 1
+    rank = torch.distributed.get_rank() if sync else 0
     if isinstance(data, DataLoader) or not isinstance(data, Dataset):
         # an iterable/loader is taken as already sharded; split the sample budget evenly
         limit = None if max_samples is None else -(-max_samples // world)
@@ -126,7 +128,7 @@ class _Streams:
         layers = depth or 1
         self.dense = codebook_size <= MAX_DENSE_CODES
         self.counts = [CountAccumulator(codebook_size) for _ in range(layers)] if self.dense else []
-        self.means = {name: MeanAccumulator() for name in ("psnr", "ssim", "lpips")}
+        self.means = {name: MeanAccumulator() for name in ("l1", "psnr", "ssim", "lpips")}
         self.lpips = lpips_metric
         self.fid = FIDAccumulator(fid_metric) if fid_metric is not None else None
 
@@ -139,6 +141,7 @@ class _Streams:
                     acc.update(ids[ids >= 0])  # -1: a layer dropped by quantizer dropout
             else:
                 self.counts[0].update(indices)
+        self.means["l1"].update((x - recon).abs().reshape(x.shape[0], -1).mean(1))
         self.means["psnr"].update(psnr(x, recon))
         if image_like and min(x.shape[-2:]) >= 11:
             self.means["ssim"].update(ssim(x, recon))
@@ -167,11 +170,15 @@ def run_evaluation(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "eval",
+    sync: bool | None = None,
 ) -> EvalOutcome:
     """Evaluate ``model`` on ``data`` (a Dataset, DataLoader or iterable of batches). See module doc.
 
     ``lpips``/``fid``: True loads the real metric (reported unavailable with the missing weights
     file otherwise), False skips it, or pass a ready ``LPIPSMetric`` / feature extractor.
+    ``sync``: shard a Dataset over the ranks and all-reduce the sums (every rank must call);
+    None: when a process group with several ranks is initialised. Pass False when only one
+    rank evaluates (e.g. rank 0 during training).
     """
     from tqdm.auto import tqdm
 
@@ -199,7 +206,8 @@ def run_evaluation(
     streams = _Streams(int(quantizer.codebook_size), depth,
                        lp if isinstance(lp, LPIPSMetric) else None,
                        fe if isinstance(fe, torch.nn.Module) else None)
-    loader, limit = _make_loader(data, batch_size, max_samples, num_workers)
+    sync = dist_ready() if sync is None else bool(sync and dist_ready())
+    loader, limit = _make_loader(data, batch_size, max_samples, num_workers, sync)
     was_training = model.training
     model.eval()
     seen, originals, recons = 0, [], []
@@ -227,8 +235,10 @@ def run_evaluation(
     finally:
         bar.close()
         model.train(was_training)
-    streams.all_reduce()
-    metrics = _summarise(streams, int(all_reduce_sum(torch.tensor(seen)).item()), unavailable, image_like)
+    if sync:
+        streams.all_reduce()
+        seen = int(all_reduce_sum(torch.tensor(seen)).item())
+    metrics = _summarise(streams, seen, unavailable, image_like)
     metrics["seconds"] = time.perf_counter() - t0
     return EvalOutcome(
         metrics=metrics,
@@ -255,7 +265,7 @@ def _summarise(streams: _Streams, samples: int, unavailable: dict, image_like: b
             metrics.update(per_layer[0])
     else:
         unavailable["usage"] = {"reason": f"codebook larger than {MAX_DENSE_CODES} codes: no dense histogram", "path": None}
-    for name in ("psnr", "ssim", "lpips"):
+    for name in ("l1", "psnr", "ssim", "lpips"):
         acc = streams.means[name]
         metrics[name] = acc.compute() if acc.count and name not in unavailable else None
     if streams.lpips is not None and not streams.lpips.real_weights and streams.means["lpips"].count:
@@ -275,10 +285,10 @@ def _summarise(streams: _Streams, samples: int, unavailable: dict, image_like: b
 
 
 def evaluate(model: torch.nn.Module, dataset_or_loader, *, max_samples: int | None = None, batch_size: int = 16,
-             lpips=True, fid=True, progress: bool = True) -> dict:
+             lpips=True, fid=True, progress: bool = True, sync: bool | None = None) -> dict:
     """Codebook health + reconstruction metrics of ``model`` on a held-out set (see module doc)."""
     return run_evaluation(model, dataset_or_loader, max_samples=max_samples, batch_size=batch_size,
-                          lpips=lpips, fid=fid, keep_examples=0, progress=progress).metrics
+                          lpips=lpips, fid=fid, keep_examples=0, progress=progress, sync=sync).metrics
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,50 +94,25 @@ class StepBatches:
 # --------------------------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------------------------
-def _usage_stats(indices: list[torch.Tensor], codebook_size: int, depth: bool) -> dict[str, float]:
-    """Usage (fraction of codes hit) and perplexity over all eval indices; mean over depth levels."""
-    allidx = torch.cat([i.reshape(-1, i.shape[-1]) if depth else i.reshape(-1, 1) for i in indices])
-    usages, perps = [], []
-    for lvl in range(allidx.shape[1]):
-        counts = torch.bincount(allidx[:, lvl].clamp_min(0), minlength=codebook_size).double()
-        p = counts / counts.sum().clamp_min(1)
-        usages.append(float((counts > 0).double().mean()))
-        perps.append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
-    return {"usage": sum(usages) / len(usages), "perplexity": sum(perps) / len(perps)}
-
-
 @torch.no_grad()
 def evaluate_during_training(model: nn.Module, loader, step: int, max_batches: int = 0,
                              objective: TokenizerObjective | None = None) -> dict:
-    """Held-out metrics of ``model`` on ``loader``: rec_loss (L1), usage, perplexity, psnr and,
-    for images/video, ssim. Runs in eval mode, restores the previous mode. Returns a flat dict."""
-    from .metrics.reconstruction import psnr, ssim
+    """Held-out metrics of ``model`` on ``loader`` with :func:`vqtok.evaluate.evaluate`, the code
+    behind `vqtok eval`: rec_loss (L1), usage, perplexity, entropy_bits, dead_codes, collapse,
+    psnr, ssim (images/video) and usage_l{i} per residual layer. Rank 0 only (no all-reduce);
+    LPIPS/rFID are left to `vqtok eval`. Runs in eval mode, restores the previous mode."""
+    from .evaluate import evaluate
 
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    sums = {"rec_loss": 0.0, "psnr": 0.0, "ssim": 0.0}
-    n, indices = 0, []
-    for b, x in enumerate(loader):
-        if max_batches and b >= max_batches:
-            break
-        x = x.to(device)
-        out = model(x)
-        recon = out.recon.float().clamp(-1, 1)
-        sums["rec_loss"] += float((recon - x).abs().mean()) * x.shape[0]
-        sums["psnr"] += float(psnr(recon, x).sum())
-        if model.modality != "audio":
-            sums["ssim"] += float(ssim(recon, x).sum())
-        indices.append(out.quant.indices.cpu())
-        n += x.shape[0]
-    model.train(was_training)
-    if n == 0:
+    limit = max_batches * loader.batch_size if max_batches and getattr(loader, "batch_size", None) else None
+    m = evaluate(model, loader, max_samples=limit, lpips=False, fid=False, progress=False, sync=False)
+    if not m.get("samples"):
         return {"step": step}
-    res = {"step": step, **{k: v / n for k, v in sums.items()}, "samples": n}
-    if model.modality == "audio":
-        res.pop("ssim")
-    depth = getattr(model.quantizer, "num_quantizers", None) is not None
-    res.update(_usage_stats(indices, model.quantizer.codebook_size, depth))
+    res = {"step": step, "rec_loss": m["l1"], "samples": m["samples"]}
+    for key in ("usage", "perplexity", "entropy_bits", "dead_codes", "collapse", "psnr", "ssim"):
+        if m.get(key) is not None:
+            res[key] = m[key]
+    for i, layer in enumerate(m.get("layers") or []):
+        res[f"usage_l{i}"] = layer["usage"]
     return res
 
 
