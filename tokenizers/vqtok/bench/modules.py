@@ -16,8 +16,10 @@ Method:
 * threads: ``threads`` (0: torch's default); on a shared machine pin it to get stable numbers;
 * peer cases whose dense N x K matrix (distances in VectorQuantize / ResidualVQ / SimVQ, code
   probabilities in LFQ) would exceed ``peer_limit_gib`` are not run and report
-  "needs X GiB"; neither are those whose ~3 such matrices would not fit in the memory this
-  machine has available now.
+  "needs X GiB"; neither are those whose measured footprint, ``PEER_FOOTPRINT`` such matrices
+  (VectorQuantize's peak RSS is ~6x N x K x 4 bytes at N=16384, K=4096 and at N=65536, K=1024:
+  distances, their negation, the one-hot assignment and its transpose product), would not fit
+  in the memory this machine has available now: an out-of-memory kill hurts the whole machine.
 
 Pairs (ours -> peer): VectorQuantizer (EMA) -> VectorQuantize (EMA); ResidualVQ (2 layers) ->
 ResidualVQ; FSQ -> FSQ (levels with prod = K); LFQ (entropy on) -> LFQ; SimVQ -> SimVQ.
@@ -40,6 +42,7 @@ from dataclasses import asdict, dataclass, replace
 FSQ_LEVELS = {1024: [4, 4, 4, 4, 4], 4096: [8, 8, 8, 8], 16384: [8, 8, 8, 8, 4], 65536: [8, 8, 8, 8, 4, 4]}
 MODULES = ("vq", "rvq", "fsq", "lfq", "simvq")
 RVQ_DEPTH = 2
+PEER_FOOTPRINT = 6  # peer peak RSS / (N x K x 4 bytes), measured (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -172,8 +175,8 @@ def _peer_skip_reason(n: int, k: int, cfg: ModulesBenchConfig) -> str | None:
     dense_gib = n * k * 4 / 2**30
     if dense_gib > cfg.peer_limit_gib:
         return f"needs {dense_gib:.1f} GiB (N x K fp32 matrix)"
-    if 3 * dense_gib > _available_gib():
-        return f"needs ~{3 * dense_gib:.1f} GiB, {_available_gib():.1f} GiB available now"
+    if PEER_FOOTPRINT * dense_gib > _available_gib():
+        return f"needs ~{PEER_FOOTPRINT * dense_gib:.0f} GiB, {_available_gib():.1f} GiB available now"
     return None
 
 
@@ -231,6 +234,7 @@ def _main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes (N=16384, K in 1024, 4096)")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke sizes")
     p.add_argument("--threads", type=int, default=0, help="threads per case (0: torch's default)")
+    p.add_argument("--n", type=int, help="tokens per step (default: the preset's)")
     p.add_argument("--ks", help="comma-separated codebook sizes K (default: the preset's)")
     p.add_argument("--modules", help=f"comma-separated subset of {','.join(MODULES)}")
     p.add_argument("--json", help="write the rows and config to this file")
@@ -245,6 +249,8 @@ def _main(argv=None) -> int:
         return 0
     cfg = TINY if args.tiny else QUICK if args.quick else ModulesBenchConfig()
     over = {"threads": args.threads}
+    if args.n:
+        over["n"] = args.n
     if args.ks:
         over["ks"] = tuple(int(k) for k in args.ks.split(","))
     if args.modules:
