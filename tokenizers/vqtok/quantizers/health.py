@@ -16,6 +16,10 @@ Definitions, with p the batch's code distribution (counts / tokens) and K the co
 * collapse:    1 when the alive fraction < ``min_usage`` or the EMA perplexity <
                ``min_perplexity * K``; else 0.
 * histogram:   cumulative counts since the last ``reset`` (int64), also the basis of ``summary``.
+
+The EMA sees about ``tokens_per_step / (1 - decay)`` tokens; dead codes and the collapse signal
+mean something once that is well above K (e.g. a 2^18-code LFQ needs a few hundred thousand
+tokens in the horizon before an unused code says more than "not drawn yet").
 """
 
 from __future__ import annotations
