@@ -153,6 +153,8 @@ def _eval_run(args: argparse.Namespace) -> int:
                                             lpips=not args.no_lpips, fid=not args.no_fid, device=args.device)
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: vqtok.checkpoint.CheckpointError
         return _fail("eval", e)
+    if page is None:  # a torchrun rank other than 0: rank 0 prints and writes the report
+        return 0
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

@@ -320,7 +320,8 @@ def evaluate_checkpoint(checkpoint, *, data: str | None = None, out=None, max_sa
     """Evaluate a run folder or checkpoint on its held-out split (or the folder ``data``).
 
     Writes OUT/metrics.json, OUT/arrays.npz and OUT/report/index.html (OUT defaults to RUN/eval
-    for a run, else CHECKPOINT/eval) and returns (metrics, page path).
+    for a run, else CHECKPOINT/eval) and returns (metrics, page path). Under torchrun the ranks
+    share the work and rank 0 writes (other ranks return (metrics, None)).
     """
     import json
     from pathlib import Path
@@ -329,16 +330,28 @@ def evaluate_checkpoint(checkpoint, *, data: str | None = None, out=None, max_sa
     from .data import build_dataset
     from .report import read_history, save_arrays, write_report
 
-    model, cfg = load_model(str(checkpoint), use_ema=True, map_location=device)
+    from . import distributed as D
+
+    own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    di = D.init_from_env(torch.device(device).type)  # torchrun: ranks shard the set, sums all-reduced
+    if di.enabled and torch.device(device).type == "cuda":
+        device = f"cuda:{di.local_rank}"
+    try:
+        model, cfg = load_model(str(checkpoint), use_ema=True, map_location=device)
+        dataset = build_dataset(_data_config(cfg, data), "eval")
+        if len(dataset) == 0:
+            raise ValueError(f"the evaluation set is empty (data={data or cfg.get('data')})")
+        res = run_evaluation(model, dataset, max_samples=max_samples, batch_size=batch_size, lpips=lpips, fid=fid,
+                             keep_examples=keep_examples, progress=progress and di.is_main)
+    finally:
+        if own_group and di.enabled:
+            D.shutdown()
+    metrics = dict(res.metrics, source=str(checkpoint), data=str(data or "config eval split"))
+    if not di.is_main:
+        return metrics, None
     run_dir = find_run_dir(checkpoint)
     out = Path(out) if out else (run_dir or Path(checkpoint)) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    dataset = build_dataset(_data_config(cfg, data), "eval")
-    if len(dataset) == 0:
-        raise ValueError(f"the evaluation set is empty (data={data or cfg.get('data')})")
-    res = run_evaluation(model, dataset, max_samples=max_samples, batch_size=batch_size, lpips=lpips, fid=fid,
-                         keep_examples=keep_examples, progress=progress)
-    metrics = dict(res.metrics, source=str(checkpoint), data=str(data or "config eval split"))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     modality = getattr(model, "modality", "image")
     save_arrays(out / "arrays.npz", res.counts, None if res.originals is None else res.originals.numpy(),
