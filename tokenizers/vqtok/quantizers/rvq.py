@@ -5,6 +5,8 @@ Quantizer dropout (SoundStream) trains every prefix of the stack, so a decoder c
 bitrate from the first n layers: with probability ``quantizer_dropout`` a training step uses only
 the first n ~ U{1..num_quantizers} layers (n drawn from a generator every rank seeds identically,
 so DDP ranks run the same layers and enter the same collectives); dropped layers' indices are -1.
+With learning="grad" a dropped layer's codebook gets no gradient that step: wrap the model in
+DDP with ``find_unused_parameters=True`` when using quantizer dropout.
 Shapes: z [B, D, *spatial] or [N, D]; indices [B, *spatial, Q] / [N, Q] with Q = num_quantizers.
 """
 
