@@ -47,12 +47,12 @@ EVAL_PHOTOS = ("retina", "motorcycle_left", "motorcycle_right", "flower")
 
 @dataclass(frozen=True)
 class StudyConfig:
-    steps: int = 150          # optimiser steps per row
-    batch: int = 32           # crops per step (x 64 tokens = 2048 tokens per step)
+    steps: int = 120          # optimiser steps per row
+    batch: int = 24           # crops per step (x 64 tokens = 1536 tokens per step)
     crop: int = 32            # crop side in px
     photo_side: int = 160     # photos are downscaled to this short side (more structure per crop)
     latent_dim: int = 16      # channels at the quantizer
-    width: int = 64           # autoencoder channels
+    width: int = 48           # autoencoder channels
     lr: float = 2e-3
     eval_stride: int = 16     # stride of the held-out crop grid
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
@@ -111,7 +111,8 @@ class Crops:
     def grid(self, stride: int) -> torch.Tensor:
         c = self.crop
         return torch.stack([p[:, y : y + c, x : x + c] for p in self.photos
-                            for y in range(0, p.shape[1] - c + 1, stride) for x in range(0, p.shape[2] - c + 1, stride)])
+                            for y in range(0, p.shape[1] - c + 1, stride)
+                            for x in range(0, p.shape[2] - c + 1, stride)])
 
 
 # --------------------------------------------------------------------------------------------

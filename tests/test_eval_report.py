@@ -155,7 +155,8 @@ def test_evaluate_lpips_code_path_is_not_reported_as_lpips():
 def test_evaluate_audio_skips_image_metrics():
     torch.manual_seed(0)
     model = TinyAE(TinyFSQ(levels=(4, 4)), modality="audio").eval()
-    wave = torch.sin(torch.linspace(0, 60, 256))[None].repeat(6, 1)[:, None] * torch.linspace(0.2, 0.9, 6)[:, None, None]
+    amp = torch.linspace(0.2, 0.9, 6)[:, None, None]
+    wave = torch.sin(torch.linspace(0, 60, 256))[None].repeat(6, 1)[:, None] * amp
     m = evaluate(model, ListDataset(list(wave)), batch_size=4, progress=False)
     assert m["samples"] == 6 and m["psnr"] is not None and m["ssim"] is None
     assert set(m["unavailable"]) >= {"ssim", "lpips", "rfid"}

@@ -233,7 +233,8 @@ def test_accumulators_all_reduce_under_ddp(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    vals, feats, ids = torch.randn(101, dtype=torch.float64), torch.randn(90, 4, dtype=torch.float64), torch.randint(0, 8, (77,))
+    vals, feats = torch.randn(101, dtype=torch.float64), torch.randn(90, 4, dtype=torch.float64)
+    ids = torch.randint(0, 8, (77,))
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_worker, args=(2, port, vals, feats, ids, str(out)), nprocs=2, join=True)
     got = torch.load(out)

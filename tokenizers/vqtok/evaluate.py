@@ -264,7 +264,8 @@ def _summarise(streams: _Streams, samples: int, unavailable: dict, image_like: b
         else:
             metrics.update(per_layer[0])
     else:
-        unavailable["usage"] = {"reason": f"codebook larger than {MAX_DENSE_CODES} codes: no dense histogram", "path": None}
+        unavailable["usage"] = {"reason": f"codebook larger than {MAX_DENSE_CODES} codes: no dense histogram",
+                                "path": None}
     for name in ("l1", "psnr", "ssim", "lpips"):
         acc = streams.means[name]
         metrics[name] = acc.compute() if acc.count and name not in unavailable else None

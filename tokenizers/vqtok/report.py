@@ -278,7 +278,8 @@ def write_report(eval_dir, metrics: dict, *, counts=None, originals=None, recons
         old.unlink()
     figures: list[tuple[str, str]] = []
     if originals is not None and len(originals):
-        figures.append((fig_examples(np.asarray(originals), np.asarray(reconstructions), modality, out / "examples.png"),
+        examples = fig_examples(np.asarray(originals), np.asarray(reconstructions), modality, out / "examples.png")
+        figures.append((examples,
                         "originals (top) vs reconstructions (bottom)" if modality == "image"
                         else "originals vs reconstructions"))
     counts = [np.asarray(c) for c in (counts or [])]

@@ -133,7 +133,8 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
     """
     mu1, mu2, cov1, cov2 = (t.to(torch.float64) for t in (mu1, mu2, cov1, cov2))
     if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"shapes disagree: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, cov {tuple(cov1.shape)}/{tuple(cov2.shape)}")
+        raise ValueError(f"shapes disagree: mu {tuple(mu1.shape)}/{tuple(mu2.shape)}, "
+                         f"cov {tuple(cov1.shape)}/{tuple(cov2.shape)}")
     s1 = _sqrtm_psd(cov1)
     m = s1 @ cov2 @ s1
     tr_covmean = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()

@@ -30,7 +30,8 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, min_ndim: int = 2) -> None:
             raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(t).__name__}"
                             + (f" of dtype {t.dtype}" if isinstance(t, torch.Tensor) else ""))
         if t.ndim < min_ndim:
-            raise ValueError(f"{name} must be a batch [B, C, ...] with at least {min_ndim} dims, got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must be a batch [B, C, ...] with at least {min_ndim} dims, "
+                             f"got shape {tuple(t.shape)}")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
 
