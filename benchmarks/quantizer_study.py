@@ -298,6 +298,8 @@ def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: 
     for row in bar:
         bar.set_postfix_str(f"{row.family} {row.impl} 2^{row.log2_codes}")
         results.append(run_row(row, cfg, train, held_out))
+        if progress:  # each row as it finishes (the full table is printed at the end)
+            bar.write(format_table(results[-1:]).splitlines()[-1])
     return {"config": dataclasses.asdict(cfg), "held_out": {"photos": EVAL_PHOTOS, "crops": len(held_out)},
             "results": results, "seconds": time.perf_counter() - t0}
 
