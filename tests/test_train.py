@@ -120,3 +120,17 @@ def test_corrupt_state_fails_resume_naming_the_file(tmp_path, capsys):
     # a second fresh run into the same folder refuses to overwrite it
     assert main(["train", "--preset", "demo", "--out", str(run), "--no-progress"] + sum([["--set", o] for o in COMMON], [])) == 1
     assert "--resume" in capsys.readouterr().err
+
+
+def test_demo_preset_can_reach_its_usage_target():
+    """The demo's held-out usage target (>= 95 % of >= 512 codes) needs many held-out tokens per code."""
+    from vqtok.config import check_quantizer
+    from vqtok.data import build_dataset
+
+    cfg = load_config("demo")
+    q = check_quantizer(cfg)
+    assert q.codebook_size >= 512
+    assert cfg.quantizer.get("backend", "auto") == "auto"  # the native search, not the torch fallback
+    ds = build_dataset(cfg.to_dict()["data"], "eval")
+    tokens = len(ds) * (cfg.data.size // cfg.model.downsample) ** 2
+    assert tokens >= 32 * q.codebook_size, f"{tokens} held-out tokens for {q.codebook_size} codes"
