@@ -381,6 +381,25 @@ def test_state_dict_round_trip(key):
     assert torch.equal(m(z).quantized, m2(z).quantized)
 
 
+def test_training_continues_identically_after_load():
+    """Resume exactness: the restart FIFO travels with the state, so the next steps match."""
+    torch.manual_seed(0)
+    kw = dict(dim=12, codebook_size=64, kmeans_init=False, dead_code_threshold=0.5, restart_buffer=256)
+    m = build_quantizer("vq", **kw)
+    for _ in range(3):
+        m(torch.randn(40, 12) * 3)
+    m2 = build_quantizer("vq", **kw)
+    m2.load_state_dict(m.state_dict())
+    assert m2._fifo_len == m._fifo_len > 0 and m2._fifo_pos == m._fifo_pos
+    for mod in (m, m2):
+        torch.manual_seed(7)
+        for _ in range(3):
+            out = mod(torch.randn(40, 12) * 3)
+        assert float(out.stats["restarted"]) >= 0
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
 # --------------------------------------------------------------------------------------------
 # the `vqtok bench` modules suite (one in-process case per impl; the suite itself spawns)
 # --------------------------------------------------------------------------------------------

@@ -103,7 +103,10 @@ class VectorQuantizer(Quantizer):
         self.register_buffer("initted", torch.tensor(not self.kmeans_init))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         size = restart_buffer if restart_buffer is not None else max(4096, k)
-        self.register_buffer("_fifo", torch.zeros(C.check_positive_int("restart_buffer", size), dc), persistent=False)
+        # recent encoder outputs for dead-code restarts; saved with the state so a resumed run
+        # restarts codes exactly as an uninterrupted one ([len, pos] mirrors the Python ints)
+        self.register_buffer("_fifo", torch.zeros(C.check_positive_int("restart_buffer", size), dc))
+        self.register_buffer("_fifo_meta", torch.zeros(2, dtype=torch.int64))
         self._fifo_len, self._fifo_pos = 0, 0
         self.health = make_health(k, health)
 
@@ -210,6 +213,11 @@ class VectorQuantizer(Quantizer):
         self._fifo[pos] = h.to(self._fifo.dtype)
         self._fifo_pos = (self._fifo_pos + n) % size
         self._fifo_len = min(size, self._fifo_len + n)
+        self._fifo_meta[0], self._fifo_meta[1] = self._fifo_len, self._fifo_pos
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fifo_len, self._fifo_pos = (int(v) for v in self._fifo_meta.tolist())
 
     def _restart_dead(self) -> int:
         """Replace codes whose EMA count < threshold by recent encoder outputs, identically on all ranks."""
