@@ -125,8 +125,9 @@ PRESETS: dict[str, dict] = {
     # set (3750 tiles = 60k tokens, ~59 per code) can show every code it uses: with 0.25/0.5 only it
     # has 13.8k tokens and usage cannot approach 1. dead_code_threshold is an EMA count per step:
     # a step sees 256 tokens, 0.25 per code on average, so codes under 1/5 of the mean restart.
-    # One thread: runs are bitwise repeatable and the CPU time predictable on a shared machine;
-    # at these tensor sizes a second thread gains little (README, "The demo").
+    # One thread: runs are bitwise repeatable and the time predictable; at these tensor sizes a
+    # second thread gains little and, on a loaded machine, its OpenMP threads stall each other
+    # (12x slower per step in the README's measurement, "The demo").
     "demo": {
         "model": {"modality": "image", "channels": 16, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 1,
                   "downsample": 8, "latent_dim": 32},
