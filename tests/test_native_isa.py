@@ -154,3 +154,12 @@ def test_duplicates_in_sibling_groups_are_redecided(isa):
     idx = _check(x, c, isa)
     assert (idx == 5).all()
     assert _raw(x, c)[2] == x.shape[0]  # every row has an exact tie: all re-decided
+
+
+def test_norms_past_fp32_range(isa):
+    # |c|^2 ~ 2000 * (5e17)^2 overflows fp32 although every value and every distance fits: the
+    # search must still be exact (these rows take the direct-form path)
+    c = torch.randn(10, 2000) * 5e17
+    x = c[[3, 7, 3]] + 1e15 * torch.randn(3, 2000)
+    idx = _check(x, c, isa)
+    assert idx.tolist() == [3, 7, 3]

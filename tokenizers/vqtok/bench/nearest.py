@@ -57,7 +57,9 @@ class NearestBenchConfig:
 
     @classmethod
     def quick(cls) -> "NearestBenchConfig":
-        return cls(n=4096, dims=(8, 32), codes=(1024, 8192), fused_codes=(), reps=3)
+        # small enough for `make demo` on a busy 2-core machine; memory needs a subprocess per
+        # backend (torch import), so it is off here
+        return cls(n=2048, dims=(8, 32), codes=(1024, 4096), fused_codes=(), reps=3, memory=False)
 
 
 def config_dict(cfg: NearestBenchConfig) -> dict:
@@ -270,7 +272,7 @@ def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny grid (N=4096, D in {8, 32}, K in {1024, 8192}), < 30 s")
+    ap.add_argument("--quick", action="store_true", help="tiny grid (N=2048, D in {8, 32}, K in {1024, 4096}, no memory column), < 30 s")
     ap.add_argument("--backends", default=None, help=f"comma-separated subset of {','.join(ALL_BACKENDS)}")
     ap.add_argument("--dims", default=None, help="comma-separated D values (overrides the grid)")
     ap.add_argument("--codes", default=None, help="comma-separated K values for every backend (overrides the grid)")
