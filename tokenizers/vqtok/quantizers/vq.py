@@ -207,7 +207,8 @@ class VectorQuantizer(Quantizer):
     def _push_fifo(self, h: torch.Tensor) -> None:
         size = self._fifo.shape[0]
         if h.shape[0] > size:
-            h = h[torch.randperm(h.shape[0], device=h.device)[:size]]
+            g = C.shared_generator(self.seed, int(self.steps), salt=3)
+            h = h[torch.randperm(h.shape[0], generator=g)[:size].to(h.device)]
         n = h.shape[0]
         pos = (self._fifo_pos + torch.arange(n, device=h.device)) % size
         self._fifo[pos] = h.to(self._fifo.dtype)
@@ -216,6 +217,9 @@ class VectorQuantizer(Quantizer):
         self._fifo_meta[0], self._fifo_meta[1] = self._fifo_len, self._fifo_pos
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "_fifo_meta" not in state_dict:  # saved before the FIFO was persisted: start empty
+            state_dict[prefix + "_fifo"] = torch.zeros_like(self._fifo)
+            state_dict[prefix + "_fifo_meta"] = torch.zeros_like(self._fifo_meta)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._fifo_len, self._fifo_pos = (int(v) for v in self._fifo_meta.tolist())
 
@@ -225,10 +229,14 @@ class VectorQuantizer(Quantizer):
         nd = int(dead.sum())
         if nd == 0:
             return 0
-        # each rank proposes nd candidates from its own FIFO; a shared generator picks the owner rank
-        local = self._fifo[torch.randint(max(self._fifo_len, 1), (nd,), device=self._fifo.device)]
+        # each rank proposes nd candidates from its own FIFO; a shared generator picks the owner rank.
+        # Draws come from generators keyed on (seed, step), never the global RNG, so a resumed run
+        # restarts exactly the codes an uninterrupted one does.
+        gl = C.shared_generator(self.seed, int(self.steps), salt=2)
+        pick = torch.randint(max(self._fifo_len, 1), (nd,), generator=gl).to(self._fifo.device)
+        local = self._fifo[pick]
         if self._fifo_len == 0:
-            local = local + torch.randn_like(local)
+            local = local + torch.randn(local.shape, generator=gl).to(local)
         gathered = C.all_gather_rows(local).reshape(C.world_size(), nd, -1)
         g = C.shared_generator(self.seed, int(self.steps), salt=1)
         owner = torch.randint(C.world_size(), (nd,), generator=g).to(gathered.device)
