@@ -77,7 +77,7 @@ struct CodebookStats {
 // |c_k|^2 (double, rounded to fp32) and the maxima the certificate needs.
 CodebookStats codebook_norms(const void* cb, DType t, int64_t k, int64_t d, float* norms) {
   double n2max = 0, amax = 0;
-#pragma omp parallel reduction(max : n2max, amax)
+#pragma omp parallel if (k * d > (int64_t{1} << 18)) reduction(max : n2max, amax)
   {
     std::vector<float> row(static_cast<size_t>(d));
 #pragma omp for schedule(static)
@@ -218,7 +218,11 @@ NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int
   std::vector<double> redo_dist;    // their best direct-form distance so far
   int64_t exact_rows = 0;
 
-#pragma omp parallel reduction(+ : exact_rows)
+  // Small searches (< ~1 ms of FMA work) run on one thread: the region's barriers would cost
+  // more than they save, especially when another process holds one of the cores.
+  const bool parallel = 2.0 * static_cast<double>(n) * k * d > 2e8 && nblocks > 1;
+
+#pragma omp parallel if (parallel) reduction(+ : exact_rows)
   {
     std::vector<float> xbuf(static_cast<size_t>(std::max(mb, fb) * d));
     std::vector<float> crow(static_cast<size_t>(d));
