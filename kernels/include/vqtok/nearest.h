@@ -24,9 +24,9 @@ struct NearestStats {
 // out_dist: n float32, direct-form squared distance to the chosen code (double, rounded).
 // Sizes: n >= 0, 1 <= k < 2^31, d >= 1. `fast` asks for the certified low-precision path where
 // one exists (the answer is identical; today both modes run the fp32 path).
-// Extra memory: one codebook panel (~1 MiB), per-thread query/lane buffers and 16 bytes per
-// code plus 12 bytes per row. Runs on all OpenMP threads; the SIMD level is chosen per call by
-// active_isa() (env VQTOK_ISA may lower it).
+// Extra memory: one packed codebook panel (~1 MiB), per-thread row buffers (~64 KiB), 4 bytes
+// per code (norms) and 20 bytes per row. Runs on all OpenMP threads (one thread below ~1 ms of
+// work); the SIMD level is chosen per call by active_isa() (env VQTOK_ISA may lower it).
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool fast, int64_t* out_idx, float* out_dist);
 
