@@ -27,6 +27,15 @@ def unavailable_reason(backend: str) -> str | None:
     return None
 
 
+def _index_input(indices):
+    """Any integer tensor -> contiguous int32/int64, the index types the kernels read."""
+    import torch
+
+    if indices.dtype not in (torch.int32, torch.int64):
+        indices = indices.to(torch.int64)
+    return indices.contiguous()
+
+
 def build_info() -> dict:
     """What the extension was built with (for `vqtok info`)."""
     if _C is None:
@@ -112,9 +121,7 @@ if _C is not None and hasattr(_C, "fsq_forward"):
         """indices [M] (any integer dtype) -> codes float32 [M, d]."""
         if indices.device.type != "cpu":
             raise ValueError(f"cpp backend runs on CPU tensors, got indices on {indices.device}")
-        if indices.dtype not in (torch.int32, torch.int64):
-            indices = indices.to(torch.int64)
-        indices = indices.contiguous()
+        indices = _index_input(indices)
         m = indices.shape[0]
         codes = torch.empty((m, len(levels)), dtype=torch.float32)
         _C.fsq_indices_to_codes(indices.data_ptr(), m, indices.dtype == torch.int64, list(levels), codes.data_ptr())
@@ -224,9 +231,7 @@ if _C is not None and getattr(_C, "with_cuda", False) and hasattr(_C, "cuda_near
         """indices [M] (any integer dtype) -> codes float32 [M, d]."""
         if indices.device.type != "cuda":
             raise ValueError(f"cuda backend runs on CUDA tensors, got indices on {indices.device}")
-        if indices.dtype not in (torch.int32, torch.int64):
-            indices = indices.to(torch.int64)
-        indices = indices.contiguous()
+        indices = _index_input(indices)
         _, _, _, _, basis, lv = _fsq_tables(levels, indices.device)
         codes = torch.empty(indices.shape[0], len(levels), dtype=torch.float32, device=indices.device)
         with torch.cuda.device(indices.device):
