@@ -11,6 +11,7 @@
 
 #include "vqtok/cpu_features.h"
 #include "vqtok/fsq_lfq.h"
+#include "vqtok/host_buffer.h"
 #include "vqtok/nearest.h"
 
 namespace py = pybind11;
@@ -122,7 +123,7 @@ vqtok::FsqArgs fsq_args(const FsqHost& h, uintptr_t z, int64_t m, int dtype, con
   return a;
 }
 
-void fsq_forward_py(uintptr_t z, int64_t m, const std::vector<int64_t>& levels, int dtype, uintptr_t out_codes,
+int64_t fsq_forward_py(uintptr_t z, int64_t m, const std::vector<int64_t>& levels, int dtype, uintptr_t out_codes,
                     uintptr_t out_idx, bool idx_int64) {
   const std::string where = "vqtok._C.fsq_forward: ";
   const FsqHost h = fsq_host(levels, where);
@@ -132,7 +133,7 @@ void fsq_forward_py(uintptr_t z, int64_t m, const std::vector<int64_t>& levels, 
   a.indices = reinterpret_cast<void*>(out_idx);
   a.indices_int64 = idx_int64;
   py::gil_scoped_release nogil;
-  vqtok::fsq_forward(a);
+  return vqtok::fsq_forward(a);
 }
 
 void fsq_backward_py(uintptr_t grad_codes, uintptr_t z, int64_t m, const std::vector<int64_t>& levels, int dtype,
@@ -158,7 +159,7 @@ void fsq_indices_to_codes_py(uintptr_t idx, int64_t m, bool idx_int64, const std
                               h.levels.data(), h.basis.data(), reinterpret_cast<float*>(out_codes));
 }
 
-void lfq_forward_py(uintptr_t z, int64_t m, int bits, int dtype, uintptr_t out_codes, uintptr_t out_idx,
+int64_t lfq_forward_py(uintptr_t z, int64_t m, int bits, int dtype, uintptr_t out_codes, uintptr_t out_idx,
                     bool idx_int64) {
   const std::string where = "vqtok._C.lfq_forward: ";
   VQTOK_FSQ_CHECK(m >= 0, where + "m (rows of z) must be >= 0, got " + std::to_string(m));
@@ -176,14 +177,15 @@ void lfq_forward_py(uintptr_t z, int64_t m, int bits, int dtype, uintptr_t out_c
   a.indices = reinterpret_cast<void*>(out_idx);
   a.indices_int64 = idx_int64;
   py::gil_scoped_release nogil;
-  vqtok::lfq_forward(a);
+  return vqtok::lfq_forward(a);
 }
 
 void bind_fsq_lfq(py::module_& m) {
   m.def("fsq_forward", &fsq_forward_py, py::arg("z"), py::arg("m"), py::arg("levels"), py::arg("dtype"),
         py::arg("out_codes"), py::arg("out_idx"), py::arg("idx_int64"),
         "FSQ forward on raw pointers (data_ptr()): z m*len(levels) contiguous elements (dtype 0 f32, 1 f16, "
-        "2 bf16); writes out_codes (m*d float32) and out_idx (m int32, or int64 when idx_int64).");
+        "2 bf16); writes out_codes (m*d float32) and out_idx (m int32, or int64 when idx_int64). Returns the "
+        "number of NaN/Inf values in z (0 for valid input).");
   m.def("fsq_backward", &fsq_backward_py, py::arg("grad_codes"), py::arg("z"), py::arg("m"), py::arg("levels"),
         py::arg("dtype"), py::arg("out_grad_z"),
         "FSQ straight-through backward: grad_codes m*d float32, z as in fsq_forward; writes out_grad_z (m*d float32).");
@@ -192,7 +194,8 @@ void bind_fsq_lfq(py::module_& m) {
         "FSQ indices (m int32/int64) to codes (m*len(levels) float32).");
   m.def("lfq_forward", &lfq_forward_py, py::arg("z"), py::arg("m"), py::arg("bits"), py::arg("dtype"),
         py::arg("out_codes"), py::arg("out_idx"), py::arg("idx_int64"),
-        "LFQ forward: z m*bits elements; writes out_codes (m*bits float32 +-1) and out_idx (bit b = z_b > 0).");
+        "LFQ forward: z m*bits elements; writes out_codes (m*bits float32 +-1) and out_idx (bit b = z_b > 0). "
+        "Returns the number of NaN/Inf values in z.");
   m.def(
       "tanh_f32",
       [](uintptr_t x, int64_t n, uintptr_t out) {
@@ -350,6 +353,25 @@ PYBIND11_MODULE(_C, m) {
         "SIMD level the kernels use now (VQTOK_ISA may lower it).");
   bind_nearest(m);
   bind_fsq_lfq(m);
+  py::class_<vqtok::HostBuffer>(m, "HostBuffer", py::buffer_protocol(),
+                                "Writable host buffer of `nbytes` bytes, 2 MiB aligned and marked "
+                                "MADV_HUGEPAGE (wrap it with torch.frombuffer). Freed with its last reference "
+                                "into a cache of at most 256 MiB that serves the next buffer of the same size.")
+      .def(py::init([](int64_t nbytes) {
+             if (nbytes < 0) throw py::value_error("vqtok._C.HostBuffer: nbytes must be >= 0, got " + std::to_string(nbytes));
+             return new vqtok::HostBuffer(static_cast<size_t>(nbytes));
+           }),
+           py::arg("nbytes"))
+      .def_property_readonly("huge_pages", &vqtok::HostBuffer::huge_pages)
+      .def_property_readonly("nbytes", &vqtok::HostBuffer::size)
+      .def_property_readonly("recycled", &vqtok::HostBuffer::recycled)
+      .def_buffer([](vqtok::HostBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {py::ssize_t{1}}, /*readonly=*/false);
+      });
+  m.def("host_buffer_cached_bytes", &vqtok::host_buffer_cached_bytes,
+        "Bytes of freed HostBuffers kept for reuse (at most 256 MiB).");
+  m.def("release_host_buffers", &vqtok::release_host_buffers, "Unmaps every cached HostBuffer.");
   m.def("build_info", [] {
     py::dict d;
 #ifdef VQTOK_WITH_CUDA

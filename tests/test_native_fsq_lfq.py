@@ -212,3 +212,81 @@ def test_fma_peak_positive():
     assert _C.fma_peak_gflops(0.02) > 0.0
     with pytest.raises(ValueError, match="seconds"):
         _C.fma_peak_gflops(-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_count_nonfinite(isa, dtype):
+    """The forward kernels count NaN/Inf in their one pass over z (SIMD blocks, tails, threads):
+    the public ops raise on them without a separate check of z."""
+    levels = [8, 5, 5]
+    for m in (5, 70, 40003):  # scalar tail only, one SIMD block + tail, OpenMP chunks
+        for put in ([], [0], [m * 3 - 1], [0, 7, m * 3 - 2, m * 3 - 1]):
+            z = _z(m, 3, dtype=dtype, seed=m).reshape(-1)
+            for i, pos in enumerate(put):
+                z[pos] = (float("nan"), float("inf"), -float("inf"))[i % 3]
+            z = z.reshape(m, 3)
+            n_bad = len(put)
+            m3 = z.shape[0]
+            out_c, out_i = torch.empty(m3, 3), torch.empty(m3, dtype=torch.int32)
+            code = _native._FSQ_DTYPE_CODE[dtype]
+            assert _C.fsq_forward(z.data_ptr(), m3, levels, code, out_c.data_ptr(), out_i.data_ptr(), False) == n_bad
+            zl = z  # LFQ with 3 bits
+            lc, li = torch.empty(zl.shape), torch.empty(zl.shape[0], dtype=torch.int32)
+            assert _C.lfq_forward(zl.data_ptr(), zl.shape[0], zl.shape[1], code, lc.data_ptr(), li.data_ptr(),
+                                  False) == n_bad
+            if n_bad:
+                with pytest.raises(ValueError, match=f"z contains {n_bad} non-finite"):
+                    _native._fsq_forward_cpp(z, levels)
+                with pytest.raises(ValueError, match=f"z contains {n_bad} non-finite"):
+                    _native._lfq_forward_cpp(zl)
+
+
+def test_large_outputs_use_huge_page_buffers():
+    """Outputs of 2 MiB and more come from 2 MiB-aligned HostBuffers that live as long as the tensor."""
+    z = _z(1 << 16, 18)
+    codes, idx = _native._lfq_forward_cpp(z)
+    assert codes.data_ptr() % (2 << 20) == 0
+    assert codes.untyped_storage().nbytes() >= codes.numel() * 4
+    rc, ri = ref.lfq_forward(z)
+    del z
+    assert torch.equal(codes, rc) and torch.equal(idx, ri)  # still readable: the buffer is owned
+    small, _ = _native._lfq_forward_cpp(_z(4, 18))
+    assert small.shape == (4, 18)
+    buf = _C.HostBuffer(3 << 20)
+    assert buf.nbytes == 3 << 20
+    t = torch.frombuffer(buf, dtype=torch.float32, count=(3 << 20) // 4)
+    del buf
+    t.fill_(2.0)
+    assert float(t.sum()) == 2.0 * t.numel()
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        _C.HostBuffer(-1)
+
+
+def test_host_buffers_are_recycled_within_the_cache_cap():
+    _C.release_host_buffers()
+    assert _C.host_buffer_cached_bytes() == 0
+    a = _C.HostBuffer((5 << 20) + 1)  # 6 MiB mapped
+    assert not a.recycled
+    del a
+    assert _C.host_buffer_cached_bytes() == 6 << 20
+    b = _C.HostBuffer(6 << 20)  # same mapped size: recycled
+    assert b.recycled and _C.host_buffer_cached_bytes() == 0
+    c = _C.HostBuffer(8 << 20)  # another size: fresh
+    assert not c.recycled
+    del b, c
+    big = [_C.HostBuffer(100 << 20) for _ in range(3)]  # 14 + 300 MiB freed: the cap evicts the oldest
+    del big
+    assert _C.host_buffer_cached_bytes() == 200 << 20
+    _C.release_host_buffers()
+    assert _C.host_buffer_cached_bytes() == 0
+
+
+def test_lfq_backward_passes_the_gradient_through():
+    """The straight-through LFQ backward is the identity: the incoming gradient tensor itself."""
+    from vqtok.ops import lfq_quantize
+
+    z = _z(4096, 18).requires_grad_()
+    g = _z(4096, 18, seed=3)
+    codes, _ = lfq_quantize(z, backend="cpp")
+    (gz,) = torch.autograd.grad(codes, z, g)
+    assert gz.data_ptr() == g.data_ptr()

@@ -2,6 +2,7 @@
 // The scalar instantiation lives here (compiled without ISA flags, so it runs on any x86-64).
 #pragma GCC optimize("fp-contract=off")
 #include <algorithm>
+#include <type_traits>
 
 #include <omp.h>
 
@@ -11,30 +12,38 @@
 namespace vqtok {
 namespace fsq_lfq_detail {
 
-void fsq_forward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1) { fsq_forward_rows<ScalarOps>(a, r0, r1); }
+int64_t fsq_forward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1) { return fsq_forward_rows<ScalarOps>(a, r0, r1); }
 void fsq_backward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1) { fsq_backward_rows<ScalarOps>(a, r0, r1); }
-void lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1) { lfq_forward_rows<ScalarOps>(a, r0, r1); }
+int64_t lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1) { return lfq_forward_rows<ScalarOps>(a, r0, r1); }
 void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out) { tanh_range<ScalarOps>(x, i0, i1, out); }
 
 namespace {
 
 // Runs fn(r0, r1) over [0, m) in chunks of whole 64-row groups (so SIMD blocks never straddle
 // chunks): serial below ~32k values, else a few chunks per OpenMP thread (static schedule).
+// Returns the sum of fn's results (fn returning void counts as 0).
 template <class Fn>
-void parallel_rows(int64_t m, int64_t values_per_row, Fn fn) {
+int64_t parallel_rows(int64_t m, int64_t values_per_row, Fn fn) {
+  auto call = [&](int64_t r0, int64_t r1) -> int64_t {
+    if constexpr (std::is_void_v<decltype(fn(r0, r1))>) {
+      fn(r0, r1);
+      return 0;
+    } else {
+      return fn(r0, r1);
+    }
+  };
   constexpr int64_t kMinValuesPerChunk = 1 << 14;
   const int64_t vpr = std::max<int64_t>(values_per_row, 1);
   const int64_t total = m * vpr;
-  if (total <= 2 * kMinValuesPerChunk) {
-    fn(int64_t{0}, m);
-    return;
-  }
+  if (total <= 2 * kMinValuesPerChunk) return call(int64_t{0}, m);
   const int64_t by_size = total / kMinValuesPerChunk;
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(by_size, int64_t(omp_get_max_threads()) * 4));
   const int64_t chunk = ((m + nchunks - 1) / nchunks + 63) / 64 * 64;
   const int64_t n = (m + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
-  for (int64_t c = 0; c < n; ++c) fn(c * chunk, std::min(m, (c + 1) * chunk));
+  int64_t sum = 0;
+#pragma omp parallel for schedule(static) reduction(+ : sum)
+  for (int64_t c = 0; c < n; ++c) sum += call(c * chunk, std::min(m, (c + 1) * chunk));
+  return sum;
 }
 
 }  // namespace
@@ -42,12 +51,12 @@ void parallel_rows(int64_t m, int64_t values_per_row, Fn fn) {
 
 using namespace fsq_lfq_detail;
 
-void fsq_forward(const FsqArgs& a) {
+int64_t fsq_forward(const FsqArgs& a) {
   const Isa isa = active_isa();
-  parallel_rows(a.m, a.d, [&](int64_t r0, int64_t r1) {
-    if (isa == Isa::Avx512) fsq_forward_rows_avx512(a, r0, r1);
-    else if (isa == Isa::Avx2) fsq_forward_rows_avx2(a, r0, r1);
-    else fsq_forward_rows_scalar(a, r0, r1);
+  return parallel_rows(a.m, a.d, [&](int64_t r0, int64_t r1) {
+    if (isa == Isa::Avx512) return fsq_forward_rows_avx512(a, r0, r1);
+    if (isa == Isa::Avx2) return fsq_forward_rows_avx2(a, r0, r1);
+    return fsq_forward_rows_scalar(a, r0, r1);
   });
 }
 
@@ -60,12 +69,12 @@ void fsq_backward(const FsqArgs& a) {
   });
 }
 
-void lfq_forward(const LfqArgs& a) {
+int64_t lfq_forward(const LfqArgs& a) {
   const Isa isa = active_isa();
-  parallel_rows(a.m, a.bits, [&](int64_t r0, int64_t r1) {
-    if (isa == Isa::Avx512) lfq_forward_rows_avx512(a, r0, r1);
-    else if (isa == Isa::Avx2) lfq_forward_rows_avx2(a, r0, r1);
-    else lfq_forward_rows_scalar(a, r0, r1);
+  return parallel_rows(a.m, a.bits, [&](int64_t r0, int64_t r1) {
+    if (isa == Isa::Avx512) return lfq_forward_rows_avx512(a, r0, r1);
+    if (isa == Isa::Avx2) return lfq_forward_rows_avx2(a, r0, r1);
+    return lfq_forward_rows_scalar(a, r0, r1);
   });
 }
 

@@ -31,17 +31,17 @@ namespace fsq_lfq_detail {
 
 // Per-ISA entry points (defined in fsq_lfq_avx2.cpp / fsq_lfq_avx512.cpp); same contract as the
 // public functions in vqtok/fsq_lfq.h, rows [r0, r1) only, single-threaded.
-void fsq_forward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
+int64_t fsq_forward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
 void fsq_backward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
-void lfq_forward_rows_avx512(const LfqArgs& a, int64_t r0, int64_t r1);
+int64_t lfq_forward_rows_avx512(const LfqArgs& a, int64_t r0, int64_t r1);
 double fma_peak_avx512(double seconds);
-void fsq_forward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
+int64_t fsq_forward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
 void fsq_backward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
-void lfq_forward_rows_avx2(const LfqArgs& a, int64_t r0, int64_t r1);
+int64_t lfq_forward_rows_avx2(const LfqArgs& a, int64_t r0, int64_t r1);
 double fma_peak_avx2(double seconds);
-void fsq_forward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
+int64_t fsq_forward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
 void fsq_backward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
-void lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1);
+int64_t lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1);
 void tanh_range_avx512(const float* x, int64_t i0, int64_t i1, float* out);
 void tanh_range_avx2(const float* x, int64_t i0, int64_t i1, float* out);
 void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out);
@@ -104,6 +104,8 @@ struct ScalarOps {
   static F abs(F a) { return std::fabs(a); }
   static F rint(F a) { return std::nearbyint(a); }  // half to even in the default rounding mode
   static F mulsign(F x, F y) { return bits_to_float(float_to_bits(x) ^ (float_to_bits(y) & 0x80000000u)); }
+  // number of lanes holding NaN or +-Inf (exponent bits all ones)
+  static int nonfinite(F x) { return (float_to_bits(x) & 0x7f800000u) == 0x7f800000u; }
   static D dset1(double v) { return v; }
   static D dadd(D a, D b) { return a + b; }
   static D dsub(D a, D b) { return a - b; }
@@ -154,6 +156,11 @@ struct Avx2Ops {
   static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static F rint(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F mulsign(F x, F y) { return _mm256_xor_ps(x, _mm256_and_ps(y, _mm256_set1_ps(-0.0f))); }
+  static int nonfinite(F x) {
+    const __m256i e = _mm256_set1_epi32(0x7f800000);
+    const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x), e), e);
+    return __builtin_popcount(uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(m))));
+  }
   static D dset1(double v) { return _mm256_set1_pd(v); }
   static D dadd(D a, D b) { return _mm256_add_pd(a, b); }
   static D dsub(D a, D b) { return _mm256_sub_pd(a, b); }
@@ -216,6 +223,10 @@ struct Avx512Ops {
   static F mulsign(F x, F y) {
     return _mm512_castsi512_ps(_mm512_xor_si512(
         _mm512_castps_si512(x), _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)))));
+  }
+  static int nonfinite(F x) {
+    const __m512i e = _mm512_set1_epi32(0x7f800000);
+    return __builtin_popcount(uint32_t(_mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(x), e), e)));
   }
   static D dset1(double v) { return _mm512_set1_pd(v); }
   static D dadd(D a, D b) { return _mm512_add_pd(a, b); }
@@ -309,14 +320,17 @@ struct FsqPatterns {
   const float* at(int c, int k) const { return p.data() + (size_t(c) * d + k) * w; }
 };
 
+// Returns the number of non-finite values of z in the block (their codes are meaningless).
 template <class O>
-inline void fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t row, float* dig) {
+inline int fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t row, float* dig) {
   using F = typename O::F;
   constexpr int W = O::W;
   const int d = a.d;
   const int64_t base = row * d;
+  int bad = 0;
   for (int k = 0; k < d; ++k) {
     const F z = O::load(a.z, base + int64_t(k) * W, a.dtype);
+    bad += O::nonfinite(z);
     const F t = tanh_f<O>(O::add(z, O::loadf(pt.at(2, k))));
     const F hw = O::loadf(pt.at(3, k));
     const F q = O::rint(O::sub(O::mul(t, O::loadf(pt.at(0, k))), O::loadf(pt.at(1, k))));
@@ -333,16 +347,19 @@ inline void fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t r
   } else {
     O::index_block_i32(dig, d, pt.basis32.data(), static_cast<int32_t*>(a.indices) + row);
   }
+  return bad;
 }
 
+// Rows [r0, r1); returns how many values of z there are NaN or +-Inf.
 template <class O>
-void fsq_forward_rows(const FsqArgs& a, int64_t r0, int64_t r1) {
+int64_t fsq_forward_rows(const FsqArgs& a, int64_t r0, int64_t r1) {
   constexpr int W = O::W;
   const FsqPatterns pv(a, W), ps(a, 1);
   std::vector<float> dig(size_t(W) * a.d);
-  int64_t r = r0;
-  for (; r + W <= r1; r += W) fsq_forward_block<O>(a, pv, r, dig.data());
-  for (; r < r1; ++r) fsq_forward_block<ScalarOps>(a, ps, r, dig.data());
+  int64_t r = r0, bad = 0;
+  for (; r + W <= r1; r += W) bad += fsq_forward_block<O>(a, pv, r, dig.data());
+  for (; r < r1; ++r) bad += fsq_forward_block<ScalarOps>(a, ps, r, dig.data());
+  return bad;
 }
 
 template <class O>
@@ -367,24 +384,28 @@ void fsq_backward_rows(const FsqArgs& a, int64_t r0, int64_t r1) {
   for (; r < r1; ++r) fsq_backward_block<ScalarOps>(a, ps, r);
 }
 
-inline void lfq_row_scalar(const LfqArgs& a, int64_t r) {
+inline int lfq_row_scalar(const LfqArgs& a, int64_t r) {
   uint64_t idx = 0;
+  int bad = 0;
   const int64_t base = r * a.bits;
   for (int b = 0; b < a.bits; ++b) {
     const float v = load_scalar(a.z, base + b, a.dtype);
+    bad += ScalarOps::nonfinite(v);
     idx |= uint64_t(ScalarOps::sign_codes(v, a.codes + base + b)) << b;
   }
   if (a.indices_int64) static_cast<int64_t*>(a.indices)[r] = int64_t(idx);
   else static_cast<int32_t*>(a.indices)[r] = int32_t(idx);
+  return bad;
 }
 
 // 64 rows at a time: the sign bits of 64*bits values form one little-endian bit string, and row
 // r's index is the `bits`-bit field at bit offset r*bits (one unaligned 64-bit load for bits <= 56).
+// Returns how many values of z in rows [r0, r1) are NaN or +-Inf.
 template <class O>
-void lfq_forward_rows(const LfqArgs& a, int64_t r0, int64_t r1) {
+int64_t lfq_forward_rows(const LfqArgs& a, int64_t r0, int64_t r1) {
   constexpr int W = O::W;
   constexpr int G = 64;
-  int64_t r = r0;
+  int64_t r = r0, bad = 0;
   if (W > 1 && a.bits <= 56) {
     const int n = G * a.bits;  // a multiple of W
     std::vector<uint8_t> bitbuf(size_t(n) / 8 + 16, 0);
@@ -392,7 +413,9 @@ void lfq_forward_rows(const LfqArgs& a, int64_t r0, int64_t r1) {
     for (; r + G <= r1; r += G) {
       const int64_t base = r * a.bits;
       for (int v = 0; v < n / W; ++v) {
-        const uint32_t m = O::sign_codes(O::load(a.z, base + int64_t(v) * W, a.dtype), a.codes + base + int64_t(v) * W);
+        const typename O::F z = O::load(a.z, base + int64_t(v) * W, a.dtype);
+        bad += O::nonfinite(z);
+        const uint32_t m = O::sign_codes(z, a.codes + base + int64_t(v) * W);
         std::memcpy(bitbuf.data() + size_t(v) * W / 8, &m, W / 8);
       }
       for (int i = 0; i < G; ++i) {
@@ -405,7 +428,8 @@ void lfq_forward_rows(const LfqArgs& a, int64_t r0, int64_t r1) {
       }
     }
   }
-  for (; r < r1; ++r) lfq_row_scalar(a, r);
+  for (; r < r1; ++r) bad += lfq_row_scalar(a, r);
+  return bad;
 }
 
 template <class O>

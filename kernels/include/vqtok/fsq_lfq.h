@@ -51,13 +51,15 @@ struct LfqArgs {
   bool indices_int64 = false;
 };
 
-void fsq_forward(const FsqArgs& a);
+// The forward kernels return how many values of z are NaN or +-Inf (0 for valid input; the
+// outputs of such rows are meaningless), so callers need no separate pass over z to check it.
+int64_t fsq_forward(const FsqArgs& a);
 void fsq_backward(const FsqArgs& a);
 // indices: m values, int32 (indices_int64 false) or int64; levels, half_width, basis: d each.
 // codes: m * d floats, codes = (floor_mod(floor_div(idx, basis_j), L_j) - hw_j) / hw_j.
 void fsq_indices_to_codes(const void* indices, bool indices_int64, int64_t m, int d, const int64_t* levels,
                           const int64_t* basis, float* codes);
-void lfq_forward(const LfqArgs& a);
+int64_t lfq_forward(const LfqArgs& a);
 
 // torch-equal fp32 tanh of n values (exposed for tests): out[i] = tanh(x[i]).
 void tanh_f32(const float* x, int64_t n, float* out);

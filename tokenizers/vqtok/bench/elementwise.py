@@ -2,8 +2,11 @@
 
 Each row is one (op, backend) at N tokens: median wall time of ``reps`` runs after a warm-up.
 ``op`` rows run the public op with autograd (``fsq_quantize`` / ``lfq_quantize``: argument checks,
-the finite check, the custom op, the straight-through backward); ``kernel`` rows call the C++
-kernels directly on preallocated buffers. Bytes, the minimum traffic of fwd + bwd (fp32):
+the finite check, the custom op, fresh outputs, the straight-through backward), taking the
+gradient with ``torch.autograd.grad`` as the layer below the quantiser in a network receives it
+(``.backward()`` on a leaf input would add autograd's copy of a caller-held gradient into
+``.grad``, which is not the op's work); ``kernel`` rows call the C++ kernels directly on
+preallocated buffers. Bytes, the minimum traffic of fwd + bwd (fp32):
 
 * FSQ, d = len(levels): forward reads z and writes codes + int32 indices, backward reads grad and
   z and writes grad_z: ``4 N (5 d + 1)``.
@@ -73,12 +76,12 @@ def _op_rows(cfg: ElementwiseBenchConfig) -> list[dict]:
         def fsq_step(backend=backend):
             z = zf.detach().requires_grad_()
             codes, _ = fsq_quantize(z, levels, backend=backend)
-            codes.backward(gf)
+            torch.autograd.grad(codes, z, gf)
 
         def lfq_step(backend=backend):
             z = zl.detach().requires_grad_()
             codes, _ = lfq_quantize(z, backend=backend)
-            codes.backward(gl)
+            torch.autograd.grad(codes, z, gl)
 
         rows.append({"op": "fsq", "backend": backend, "kind": "op", "ms": _median_ms(fsq_step, cfg.reps),
                      "bytes": _fsq_bytes(cfg.n, len(levels))})
@@ -132,7 +135,7 @@ def _peer_rows(cfg: ElementwiseBenchConfig) -> list[dict]:
     def fsq_step():
         z = zf.detach().requires_grad_()
         out, _ = fsq(z)
-        out.backward(gf)
+        torch.autograd.grad(out, z, gf)
 
     zl = torch.randn(1, cfg.n, cfg.lfq_bits, generator=g)
     lfq = LFQ(dim=cfg.lfq_bits, codebook_size=2**cfg.lfq_bits, entropy_loss_weight=0.0).eval()

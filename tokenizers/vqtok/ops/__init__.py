@@ -31,6 +31,14 @@ def _backend_name(backend) -> str:
     return backend.value if isinstance(backend, Backend) else str(backend)
 
 
+def _check_finite_unless_fused(op: str, name: str, backend: str, t: torch.Tensor) -> None:
+    """NaN/Inf check of an op input, skipped where the backend's kernel counts them itself in its
+    one pass over the input (implementations marked ``checks_finite``) and raises the same error."""
+    if _checks._compiling() or getattr(resolve(op, backend, t.device), "checks_finite", False):
+        return
+    _checks.check_finite(name, t)
+
+
 # --------------------------------------------------------------------------------------------
 # nearest_code
 # --------------------------------------------------------------------------------------------
@@ -142,10 +150,11 @@ def fsq_quantize(z: torch.Tensor, levels, *, backend: str | Backend = "auto"):
     levels = _checks.check_levels(levels)
     _checks.check_float_tensor("z", z, min_ndim=1)
     _checks.check_last_dim("z", z, len(levels), "one entry per FSQ level")
-    _checks.check_finite("z", z)
+    name = _backend_name(backend)
+    _check_finite_unless_fused("fsq_forward", "z", name, z)
     lead = z.shape[:-1]
     flat = z.reshape(-1, len(levels)).contiguous()
-    codes, idx = _fsq_forward(flat, levels, _backend_name(backend))
+    codes, idx = _fsq_forward(flat, levels, name)
     return codes.to(z.dtype).reshape(z.shape), idx.reshape(lead)
 
 
@@ -199,9 +208,10 @@ def lfq_quantize(z: torch.Tensor, *, backend: str | Backend = "auto"):
     bits = z.shape[-1]
     if not 1 <= bits <= 62:
         raise ValueError(f"z must have 1..62 bits in its last dim, got shape {tuple(z.shape)}")
-    _checks.check_finite("z", z)
+    name = _backend_name(backend)
+    _check_finite_unless_fused("lfq_forward", "z", name, z)
     flat = z.reshape(-1, bits).contiguous()
-    codes, idx = _lfq_forward(flat, _backend_name(backend))
+    codes, idx = _lfq_forward(flat, name)
     return codes.to(z.dtype).reshape(z.shape), idx.reshape(z.shape[:-1])
 
 

@@ -5,6 +5,8 @@ Importing this module never fails: when the extension is missing the backends re
 
 from __future__ import annotations
 
+import math
+
 try:
     from vqtok import _C  # type: ignore[attr-defined]
 
@@ -85,6 +87,23 @@ if _C is not None and hasattr(_C, "fsq_forward"):
     from .dispatch import register
 
     _FSQ_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    # Outputs of at least one huge page live in vqtok._C.HostBuffers (2 MiB pages, recycled through
+    # a 256 MiB cache): glibc maps every block above 32 MiB fresh from the OS, and its first write
+    # then costs one page fault per 4 KiB, as much as the kernel's own work; recycled huge pages
+    # cost no fault and fewer TLB misses.
+    _HUGE_PAGE_MIN_BYTES = 2 << 20
+
+    def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised CPU tensor; from 2 MiB up, a recycled huge-page HostBuffer."""
+        count = math.prod(shape)
+        nbytes = count * dtype.itemsize
+        if nbytes < _HUGE_PAGE_MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(_C.HostBuffer(nbytes), dtype=dtype, count=count).view(shape)
+
+    def _raise_nonfinite(bad: int) -> None:
+        if bad:
+            raise ValueError(f"z contains {bad} non-finite value(s) (NaN or Inf)")
 
     def _fsq_lfq_input(name: str, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         """CPU, contiguous, and fp32/fp16/bf16 (float64 is rounded to fp32 as the reference does)."""
@@ -96,14 +115,19 @@ if _C is not None and hasattr(_C, "fsq_forward"):
 
     @register("fsq_forward", "cpp")
     def _fsq_forward_cpp(z, levels):
-        """z [M, d] -> (codes float32 [M, d], indices [M] int32, int64 when prod(levels) >= 2^31)."""
+        """z [M, d] -> (codes float32 [M, d], indices [M] int32, int64 when prod(levels) >= 2^31).
+
+        Raises ValueError when z holds NaN or Inf (counted by the kernel in the same pass)."""
         z, code = _fsq_lfq_input("z", z)
         m = z.shape[0]
         idx_dtype = _ref.fsq_index_dtype(levels)
-        codes = torch.empty((m, len(levels)), dtype=torch.float32)
-        idx = torch.empty(m, dtype=idx_dtype)
-        _C.fsq_forward(z.data_ptr(), m, list(levels), code, codes.data_ptr(), idx.data_ptr(), idx_dtype == torch.int64)
+        codes = _empty((m, len(levels)), torch.float32)
+        idx = _empty((m,), idx_dtype)
+        _raise_nonfinite(_C.fsq_forward(z.data_ptr(), m, list(levels), code, codes.data_ptr(), idx.data_ptr(),
+                                        idx_dtype == torch.int64))
         return codes, idx
+
+    _fsq_forward_cpp.checks_finite = True
 
     @register("fsq_backward", "cpp")
     def _fsq_backward_cpp(grad_codes, z, levels):
@@ -112,7 +136,7 @@ if _C is not None and hasattr(_C, "fsq_forward"):
         g = grad_codes.to(device="cpu", dtype=torch.float32).contiguous()
         if g.shape != z.shape:
             raise ValueError(f"grad_codes must have z's shape {tuple(z.shape)}, got {tuple(g.shape)}")
-        out = torch.empty(z.shape, dtype=torch.float32)
+        out = _empty(tuple(z.shape), torch.float32)
         _C.fsq_backward(g.data_ptr(), z.data_ptr(), z.shape[0], list(levels), code, out.data_ptr())
         return out
 
@@ -129,14 +153,19 @@ if _C is not None and hasattr(_C, "fsq_forward"):
 
     @register("lfq_forward", "cpp")
     def _lfq_forward_cpp(z):
-        """z [M, B] -> (codes float32 +-1 [M, B], indices [M]: bit b = z[:, b] > 0, LSB first)."""
+        """z [M, B] -> (codes float32 +-1 [M, B], indices [M]: bit b = z[:, b] > 0, LSB first).
+
+        Raises ValueError when z holds NaN or Inf (counted by the kernel in the same pass)."""
         z, code = _fsq_lfq_input("z", z)
         m, bits = z.shape
         idx_dtype = _ref.lfq_index_dtype(bits)
-        codes = torch.empty((m, bits), dtype=torch.float32)
-        idx = torch.empty(m, dtype=idx_dtype)
-        _C.lfq_forward(z.data_ptr(), m, bits, code, codes.data_ptr(), idx.data_ptr(), idx_dtype == torch.int64)
+        codes = _empty((m, bits), torch.float32)
+        idx = _empty((m,), idx_dtype)
+        _raise_nonfinite(_C.lfq_forward(z.data_ptr(), m, bits, code, codes.data_ptr(), idx.data_ptr(),
+                                        idx_dtype == torch.int64))
         return codes, idx
+
+    _lfq_forward_cpp.checks_finite = True
 
 
 # --------------------------------------------------------------------------------------------
