@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqtok.quantizers import LFQ, ResidualVQ, VectorQuantizer
+from vqtok.quantizers import FSQ, LFQ, ResidualVQ, VectorQuantizer
 
 pytestmark = pytest.mark.ddp
 WORLD = 2
@@ -43,18 +43,22 @@ def _modules():
         "rvq_dropout": lambda: ResidualVQ(8, 16, 3, quantizer_dropout=0.7, kmeans_init=True, kmeans_iters=2,
                                           dead_code_threshold=0.5),
         "lfq": lambda: LFQ(8, bits=6, entropy_weight=0.1),
+        "fsq_entropy": lambda: FSQ([4, 4, 3], dim=8, entropy_weight=0.1),
     }
 
 
 def _run(name: str, batches: list[torch.Tensor]) -> dict:
     torch.manual_seed(0)
     m = _modules()[name]()
-    restarted = 0.0
+    restarted, entropies = 0.0, []
     for x in batches:
         out = m(x.requires_grad_())
         restarted += float(out.stats.get("restarted", 0.0))
+        if "entropy_codebook" in out.stats:
+            entropies.append([float(out.stats["entropy_sample"]), float(out.stats["entropy_codebook"])])
         out.loss.backward()  # the entropy op's backward must not hang either
-    return {"state": {k: v.clone() for k, v in m.state_dict().items()}, "restarted": restarted}
+    return {"state": {k: v.clone() for k, v in m.state_dict().items()}, "restarted": restarted,
+            "entropies": entropies}
 
 
 def _worker(rank: int, port: int, outdir: str) -> None:
@@ -94,7 +98,7 @@ def test_identical_state_on_every_rank(ranks, name):
         assert ranks[0][name]["restarted"] > 0  # the restart path (all_gather) really ran
 
 
-@pytest.mark.parametrize("name", ["vq_kmeans", "lfq"])
+@pytest.mark.parametrize("name", ["vq_kmeans", "lfq", "fsq_entropy"])
 def test_equal_to_single_process_on_concatenated_data(ranks, name):
     single = _shared(_run(name, [torch.cat([_data(s, r) for r in range(WORLD)]) for s in range(STEPS)])["state"])
     dist_state = ranks[0][name]["state"]
@@ -104,3 +108,12 @@ def test_equal_to_single_process_on_concatenated_data(ranks, name):
         else:
             assert torch.equal(dist_state[k], v), f"{name}: {k}"
     assert int(dist_state["health.histogram"].sum()) == STEPS * (96 + 80)
+
+
+def test_fsq_entropy_is_the_global_batch_value(ranks):
+    """FSQ's logged entropies on 2 ranks equal those of one process on the concatenated batches."""
+    single = _run("fsq_entropy", [torch.cat([_data(s, r) for r in range(WORLD)]) for s in range(STEPS)])
+    assert len(single["entropies"]) == STEPS
+    for rank in range(WORLD):
+        got = torch.tensor(ranks[rank]["fsq_entropy"]["entropies"], dtype=torch.float64)
+        torch.testing.assert_close(got, torch.tensor(single["entropies"], dtype=torch.float64), rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ import torch
 from . import _checks
 from . import reference as _ref
 from .dispatch import Backend, BackendUnavailable, available_backends, resolve
+from .fsq_entropy import fsq_entropy
 from .lfq_entropy import lfq_entropy
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "lfq_quantize",
     "lfq_indices_to_codes",
     "lfq_entropy",
+    "fsq_entropy",
 ]
 
 

@@ -5,6 +5,11 @@ codebook has prod(levels) codes and nothing to learn, so it cannot collapse in t
 health tracker still reports usage). When ``dim != len(levels)`` z is projected by Linear(dim, d)
 before and Linear(d, dim) after. The rounding goes through ``vqtok.ops.fsq_quantize`` (fp32,
 straight-through gradient). Shapes: z [B, dim, *spatial] or [N, dim]; indices [B, *spatial] / [N].
+
+Optional entropy regulariser (off by default, as in LFQ): ``entropy_weight * (per_sample_weight *
+H_sample - codebook_weight * H_codebook)`` on the soft assignment softmax(-(u - g)^2 / tau) of each
+bounded value u to its level grid, from ``vqtok.ops.fsq_entropy`` (exact, never an N x K matrix,
+global batch under DDP). It pushes the codebook towards uniform usage; training mode only.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from vqtok.ops import _checks, fsq_indices_to_codes, fsq_quantize
+from vqtok.ops import _checks, fsq_entropy, fsq_indices_to_codes, fsq_quantize
 
 from . import _common as C
 from .base import Quantizer, QuantizerOutput
@@ -22,14 +27,47 @@ from .health import make_health, track
 
 
 class FSQ(Quantizer):
-    """Args: levels (e.g. [8, 5, 5, 5]); dim (default len(levels)); backend; health (tracker kwargs)."""
+    """Finite scalar quantiser.
 
-    def __init__(self, levels, dim: int | None = None, *, backend: str = "auto", health: dict | None = None):
+    Args:
+        levels: levels per channel, e.g. [8, 5, 5, 5]; codebook_size = prod(levels).
+        dim: channels of z (default len(levels)); projected to len(levels) channels and back.
+        entropy_weight: overall weight of the entropy term (0, the default, disables it).
+        per_sample_weight, codebook_weight: weights of the per-sample and codebook entropies.
+        temperature: tau of each channel's soft assignment softmax(-(u - g)^2 / tau), level units.
+        backend: backend of the quantise op.
+        health: CodebookHealth kwargs.
+    """
+
+    def __init__(
+        self,
+        levels,
+        dim: int | None = None,
+        *,
+        entropy_weight: float = 0.0,
+        per_sample_weight: float = 1.0,
+        codebook_weight: float = 1.0,
+        temperature: float = 1.0,
+        backend: str = "auto",
+        health: dict | None = None,
+    ):
         super().__init__()
         self.levels = _checks.check_levels(levels)
         d = len(self.levels)
         self.dim = C.check_positive_int("dim", dim if dim is not None else d)
         self.codebook_size = math.prod(self.levels)
+        for name, w in (("entropy_weight", entropy_weight), ("per_sample_weight", per_sample_weight),
+                        ("codebook_weight", codebook_weight)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if entropy_weight > 0 and self.codebook_size > 2**26:
+            raise ValueError(
+                f"entropy_weight > 0 needs codebook_size <= 2^26, got {self.codebook_size} (levels {self.levels})"
+            )
+        self.entropy_weight, self.per_sample_weight = float(entropy_weight), float(per_sample_weight)
+        self.codebook_weight, self.temperature = float(codebook_weight), float(temperature)
         self.backend = backend
         self.in_proj = nn.Linear(self.dim, d) if self.dim != d else nn.Identity()
         self.out_proj = nn.Linear(d, self.dim) if self.dim != d else nn.Identity()
@@ -37,13 +75,24 @@ class FSQ(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         x, layout = C.flatten_tokens(z, self.dim)
+        entropies = None
         with C.fp32_region(z.device):
-            codes, idx = fsq_quantize(self.in_proj(x.to(torch.float32)), self.levels, backend=self.backend)
+            h = self.in_proj(x.to(torch.float32))
+            codes, idx = fsq_quantize(h, self.levels, backend=self.backend)
             out = self.out_proj(codes)
+            loss = out.new_zeros(())
+            if self.entropy_weight > 0 and self.training and h.shape[0]:
+                entropies = fsq_entropy(h, self.levels, temperature=self.temperature)
+                loss = self.entropy_loss(*entropies)
         idx = idx.to(torch.int64)
         stats = track(self.health, idx, self.codebook_size, self.training)
-        loss = out.new_zeros(())
+        if entropies is not None:
+            stats["entropy_sample"], stats["entropy_codebook"] = (e.detach() for e in entropies)
         return QuantizerOutput(layout.unflatten(out).to(z.dtype), layout.indices(idx), loss, stats)
+
+    def entropy_loss(self, per_sample: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """entropy_weight * (per_sample_weight * H_sample - codebook_weight * H_codebook)."""
+        return self.entropy_weight * (self.per_sample_weight * per_sample - self.codebook_weight * codebook)
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
@@ -61,4 +110,5 @@ class FSQ(Quantizer):
         return layout.unflatten(out)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}"
+        extra = f", entropy_weight={self.entropy_weight}" if self.entropy_weight > 0 else ""
+        return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}{extra}"
