@@ -149,7 +149,11 @@ def _ddp_worker(rank, world, port, h, out_dir):
         hl = h[_rows(h.shape[0])[rank]].clone().requires_grad_()
         ps, cb = fsq_entropy(hl, [4, 3, 5], temperature=0.5, chunk=16)
         (0.5 * ps - cb).backward()
-        torch.save((ps.detach(), cb.detach(), hl.grad), os.path.join(out_dir, f"rank{rank}.pt"))
+        # the module on a rank without tokens still joins the all-reduces (no hang), and the
+        # other rank's entropies are those of its tokens alone
+        m = FSQ([4, 3, 5], entropy_weight=0.1).train()
+        mstats = m(h[:0] if rank == 0 else h).stats
+        torch.save((ps.detach(), cb.detach(), hl.grad, mstats), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -164,10 +168,13 @@ def test_ddp_global_entropy_and_gradients(tmp_path):
     hr = h.clone().requires_grad_()
     ps, cb = fsq_entropy(hr, [4, 3, 5], temperature=0.5)
     (0.5 * ps - cb).backward()
+    single = FSQ([4, 3, 5], entropy_weight=0.1).train()(h.float()).stats
     for rank in range(world):
-        rps, rcb, grad = torch.load(tmp_path / f"rank{rank}.pt")
+        rps, rcb, grad, mstats = torch.load(tmp_path / f"rank{rank}.pt")
         assert abs(rps.item() - ps.item()) < 1e-12 and abs(rcb.item() - cb.item()) < 1e-12
         torch.testing.assert_close(grad, world * hr.grad[_rows(70)[rank]], rtol=0, atol=1e-12)
+        for key in ("entropy_sample", "entropy_codebook"):
+            assert abs(mstats[key].item() - single[key].item()) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------------

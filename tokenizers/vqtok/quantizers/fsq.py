@@ -81,7 +81,8 @@ class FSQ(Quantizer):
             codes, idx = fsq_quantize(h, self.levels, backend=self.backend)
             out = self.out_proj(codes)
             loss = out.new_zeros(())
-            if self.entropy_weight > 0 and self.training and h.shape[0]:
+            # under DDP a rank with no tokens still joins the entropy's all-reduces
+            if self.entropy_weight > 0 and self.training and (h.shape[0] or C.is_distributed()):
                 entropies = fsq_entropy(h, self.levels, temperature=self.temperature)
                 loss = self.entropy_loss(*entropies)
         idx = idx.to(torch.int64)
