@@ -55,7 +55,11 @@ void bind_nearest(py::module_& m) {
         py::arg("out_dist"),
         "Exact nearest code by squared L2 on raw pointers (data_ptr()): x n*d and codebook k*d "
         "contiguous elements of one dtype (0 f32, 1 f16, 2 bf16); writes out_idx (n int64) and "
-        "out_dist (n float32). Returns (rows re-decided in the direct form, ISA used).");
+        "out_dist (n float32). fast: the certified bf16 path where nearest_fast_isa() is not empty "
+        "(same answer). Returns (rows re-decided in the direct form, or in fast mode rows sent to the "
+        "exact search; ISA used).");
+  m.def("nearest_fast_isa", [] { return std::string(vqtok::nearest_fast_available() ? "amx-bf16" : ""); },
+        "The kernel nearest_code_l2(fast=True) runs here: 'amx-bf16', or '' when it runs the exact path.");
 }
 
 #undef VQTOK_CHECK
@@ -381,6 +385,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     d["detected_isa"] = std::string(vqtok::isa_name(vqtok::detected_isa()));
     d["avx512_bf16"] = vqtok::has_avx512_bf16();
+    d["nearest_fast"] = std::string(vqtok::nearest_fast_available() ? "amx-bf16" : "exact path");
     return d;
   });
 }

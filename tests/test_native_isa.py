@@ -1,5 +1,6 @@
-"""The cpp nearest-code kernel under every SIMD level this CPU has, against the float64 oracle,
-plus the argument checks of its pybind11 binding."""
+"""The cpp nearest-code kernel under every SIMD level this CPU has, in exact and certified fast
+mode (AMX-BF16 scores where the CPU has them), against the float64 oracle, plus the argument
+checks of its pybind11 binding."""
 
 import pytest
 import torch
@@ -31,6 +32,17 @@ def isa(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["exact", "fast"])
+def precision(request):
+    return request.param
+
+
+def _fast_isa():
+    from vqtok import _C
+
+    return _C.nearest_fast_isa()
+
+
 def _raw(x, c, fast=False):
     """Calls the binding directly: returns (idx, dist, rows re-decided, isa that ran)."""
     from vqtok import _C
@@ -55,11 +67,11 @@ def _check(x, c, isa, precision="exact"):
 
 
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (9, 47, 33), (53, 1000, 8), (23, 700, 16), (17, 130, 257), (13, 65537, 2)])
-def test_shapes(isa, n, k, d):
-    _check(torch.randn(n, d), torch.randn(k, d), isa)
+def test_shapes(isa, precision, n, k, d):
+    _check(torch.randn(n, d), torch.randn(k, d), isa, precision)
 
 
-def test_multi_panel_ties_across_panel_edge(isa):
+def test_multi_panel_ties_across_panel_edge(isa, precision):
     # d=64 packs 4096 codes per ~1 MiB panel: K=9000 spans three panels; identical codes on
     # both sides of each panel edge must resolve to the lower index
     k, d = 9000, 64
@@ -68,47 +80,98 @@ def test_multi_panel_ties_across_panel_edge(isa):
     for p in (4095, 4096, 8191, 8192):
         c[p] = best
     x = best + 1e-3 * torch.randn(37, d)
-    idx = _check(x, c, isa)
+    idx = _check(x, c, isa, precision)
     assert (idx == 4095).all()
 
 
-def test_near_ties_are_redecided(isa):
+def test_near_ties_are_redecided(isa, precision):
     # integer grids tie exactly in fp32 scores: every such row must go through the re-decision
     # (more rows than one re-decision block, so several blocks run)
     x = torch.randint(-2, 3, (150, 5)).float()
     c = torch.randint(-2, 3, (300, 5)).float()
-    _check(x, c, isa)
+    _check(x, c, isa, precision)
     _, _, redo, ran = _raw(x, c)
-    assert ran == isa and redo > 40
+    assert ran == isa and redo > 40  # the exact mode re-decides them
 
 
-def test_large_offset_and_huge_values(isa):
+def test_large_offset_and_huge_values(isa, precision):
     x = 1000 + torch.randn(40, 32)
     c = 1000 + torch.randn(90, 32)
-    _check(x, c, isa)
+    _check(x, c, isa, precision)
     # values past the range the fp32 bound covers take the plain direct-form scan
     x2, c2 = torch.randn(5, 3) * 5e17, torch.randn(20, 3) * 5e17
     c2[0, 0] = 2e18
-    _check(x2, c2, isa)
+    _check(x2, c2, isa, precision)
     assert _raw(x2, c2)[2] == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs(isa, dtype):
+def test_half_inputs(isa, precision, dtype):
     x, c = torch.randn(41, 19).to(dtype), torch.randn(333, 19).to(dtype)
     c[7] = c[300]  # a duplicate pair: the lower index wins
     x[0] = c[300]
-    idx = _check(x, c, isa)
+    idx = _check(x, c, isa, precision)
     assert idx[0] == 7
 
 
 def test_fast_mode_gives_the_exact_answer(isa):
     x, c = torch.randn(64, 24), torch.randn(500, 24)
     _check(x, c, isa, precision="fast")
+    ran = _raw(x, c, fast=True)[3]
+    assert ran == (_fast_isa() if isa == "avx512" and _fast_isa() else isa)
 
 
-def test_tiny_scale(isa):
-    _check(torch.randn(30, 12) * 1e-20, torch.randn(80, 12) * 1e-20, isa)
+def _need_fast(isa):
+    if isa != "avx512" or not _fast_isa():
+        pytest.skip("no certified fast kernel at this level (the fast mode runs the exact path)")
+
+
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (33, 65, 3), (70, 200, 17), (40, 100, 33), (37, 300, 64), (20, 90, 257)])
+def test_fast_tile_shapes(isa, n, k, d):
+    # odd d (a zero feature pads the last bf16 pair), d2 > 16 padded to whole tile steps, rows and
+    # codes not multiples of the 16-row tile, the 32-code step or the 64-code chunk
+    _need_fast(isa)
+    x, c = torch.randn(n, d), torch.randn(k, d)
+    _check(x, c, isa, "fast")
+    assert _raw(x, c, fast=True)[2] == 0  # certified without the exact fallback
+
+
+def test_fast_duplicates_across_step_chunk_and_panel_edges(isa):
+    # d=8 packs 32768 codes per panel: copies of one code at both sides of a 32-code step, a
+    # 64-code chunk and the panel edge all land inside the bf16 band; the lowest index wins
+    _need_fast(isa)
+    k, d = 33000, 8
+    c = torch.randn(k, d) * 3
+    best = torch.randn(d)
+    for p in (31, 32, 63, 64, 32767, 32768):
+        c[p] = best
+    x = best + 1e-3 * torch.randn(50, d)
+    idx = _check(x, c, isa, "fast")
+    assert (idx == 31).all()
+
+
+def test_fast_overflowing_candidates_take_the_exact_path(isa):
+    # 100 identical nearest codes: more than the 64 candidates a row keeps, so the rows go to
+    # the exact search; the answer is still the lowest index
+    _need_fast(isa)
+    c = torch.randn(500, 12)
+    c[200:300] = c[123]
+    x = c[123] + 1e-4 * torch.randn(30, 12)
+    idx, _, sent, ran = _raw(x, c, fast=True)
+    assert ran == _fast_isa() and sent == 30
+    assert (idx == 123).all()
+    _check(x, c, isa, "fast")
+
+
+def test_fast_many_rows_in_super_blocks(isa):
+    # d=256 keeps ~5k rows of candidate state at a time: 6000 rows need two super-blocks
+    _need_fast(isa)
+    x, c = torch.randn(6000, 256), torch.randn(40, 256)
+    _check(x, c, isa, "fast")
+
+
+def test_tiny_scale(isa, precision):
+    _check(torch.randn(30, 12) * 1e-20, torch.randn(80, 12) * 1e-20, isa, precision)
 
 
 @pytest.mark.parametrize(
@@ -144,22 +207,22 @@ def test_backend_rejects_mismatched_dtypes():
         impl(torch.randn(3, 2), torch.randn(4, 2, dtype=torch.float64), "exact")
 
 
-def test_duplicates_in_sibling_groups_are_redecided(isa):
+def test_duplicates_in_sibling_groups_are_redecided(isa, precision):
     # codes 5, 13 and 21 sit in the same lane of neighbouring SIMD groups (W = 8 or 16): the
     # kernel keeps one minimum per lane, so the certificate must still see the duplicate
     c = torch.randn(64, 8) * 2
     c[13] = c[5]
     c[21] = c[5]
     x = c[5] + 1e-3 * torch.randn(20, 8)
-    idx = _check(x, c, isa)
+    idx = _check(x, c, isa, precision)
     assert (idx == 5).all()
     assert _raw(x, c)[2] == x.shape[0]  # every row has an exact tie: all re-decided
 
 
-def test_norms_past_fp32_range(isa):
+def test_norms_past_fp32_range(isa, precision):
     # |c|^2 ~ 2000 * (5e17)^2 overflows fp32 although every value and every distance fits: the
     # search must still be exact (these rows take the direct-form path)
     c = torch.randn(10, 2000) * 5e17
     x = c[[3, 7, 3]] + 1e15 * torch.randn(3, 2000)
-    idx = _check(x, c, isa)
+    idx = _check(x, c, isa, precision)
     assert idx.tolist() == [3, 7, 3]

@@ -13,8 +13,11 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
+#include "nearest_fast.h"
 #include "nearest_kernels.h"
 #include "vqtok/cpu_features.h"
 #include "vqtok/nearest.h"
@@ -187,9 +190,11 @@ struct Search {
 }  // namespace
 }  // namespace nearest_detail
 
-NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
-                             DType dtype, bool /*fast*/, int64_t* out_idx, float* out_dist) {
-  using namespace nearest_detail;
+namespace nearest_detail {
+namespace {
+
+NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d, DType dtype,
+                           int64_t* out_idx, float* out_dist) {
   Search S(pick_kernel(d), x, codebook, dtype, n, k, d);
   NearestStats stats;
   stats.isa = S.kern.name;
@@ -324,6 +329,204 @@ NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int
   }
   stats.exact_rows = exact_rows;
   return stats;
+}
+
+// fp32 -> bf16 bits, round to nearest even (finite inputs).
+inline uint32_t bf16_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+
+inline float round_up_f(double v) {
+  const float f = static_cast<float>(v);
+  return static_cast<double>(f) >= v ? f : std::nextafter(f, std::numeric_limits<float>::max());
+}
+
+}  // namespace
+
+// Certified fast mode. Scores come from bf16-rounded x and codes (AMX TDPBF16PS: exact bf16
+// products, fp32 accumulation). Bound of one approximate score s~ against the exact
+// t = |c|^2 - 2 x.c, with u = 2^-8 (bf16 round to nearest), m = 2*d2 + 2 fp32 roundings (one per
+// product added, in any order, the norm's and the final norm + dot) counted at 2^-23 each (so a
+// truncating accumulator is covered too), g = m 2^-23 / (1 - m 2^-23), S >= sum_i |x_i c_i|:
+//   products:     |x^c^ - xc| <= (2u + u^2)|xc|          -> 2 (2u + u^2) S
+//   accumulation: g (|c|^2 + 2 (1 + u)^2 S)               -> g (max |c|^2 + 2 (1 + u)^2 S)
+//   flushing (TDPBF16PS has DAZ/FTZ): subnormal operands and results, a few 2^-126 quanta.
+// Every code whose s~ is within band = 2E + 2 delta of the lowest s~ is a candidate (delta bounds
+// the float64 direct-form error, so a code outside the band is strictly farther in that form
+// too); the candidates are decided in the float64 direct form (lowest index on ties). Rows with
+// more than kFastCap candidates, or values past the bound's range, run the exact search.
+NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
+                                  DType dtype, int64_t* out_idx, float* out_dist) {
+  constexpr int64_t CW = int64_t{kFastNRV} * kFastWidth, MR = kFastMR, CAP = kFastCap;
+  std::vector<float> cnorm(static_cast<size_t>(k));
+  const CodebookStats cs = codebook_norms(codebook, dtype, k, d, cnorm.data());
+  if (cs.norm2_max > 1e36) return nearest_exact(x, codebook, n, k, d, dtype, out_idx, out_dist);
+  // per-feature max |c_kj|: S = sum_j |x_j| cmax_j bounds every code's sum |x_j c_kj|
+  std::vector<double> cmax(static_cast<size_t>(d), 0.0);
+#pragma omp parallel if (k * d > (int64_t{1} << 18))
+  {
+    std::vector<double> mine(static_cast<size_t>(d), 0.0);
+    std::vector<float> row(static_cast<size_t>(d));
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < k; ++i) {
+      to_float(codebook, dtype, i * d, d, row.data());
+      for (int64_t j = 0; j < d; ++j) mine[j] = std::max(mine[j], static_cast<double>(std::fabs(row[j])));
+    }
+#pragma omp critical
+    for (int64_t j = 0; j < d; ++j) cmax[j] = std::max(cmax[j], mine[j]);
+  }
+
+  const int64_t d2 = (d + 1) / 2 <= 16 ? (d + 1) / 2 : round_up((d + 1) / 2, 16);  // pairs, tile steps
+  int64_t kp = std::max<int64_t>(CW, (int64_t{1} << 20) / (4 * d2) / CW * CW);
+  kp = std::min(kp, round_up(k, CW));
+  const int64_t mb = MR * 6;  // rows per block
+  // Rows per super-block: their bf16 rows and candidate lists take ~8 MiB at most.
+  const int64_t sb = std::max(mb, std::min<int64_t>(32768, (int64_t{8} << 20) / (8 * d2 + 8 * CAP + 16)) / mb * mb);
+  // Uninitialised buffers (every element is written before it is read).
+  const int64_t sbr = std::min(sb, round_up(n, mb));
+  auto buf = [](int64_t count, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    return std::unique_ptr<T[]>(new T[static_cast<size_t>(count)]);
+  };
+  auto panel = buf(kp * d2, (uint32_t*)nullptr), xq = buf(sbr * d2, (uint32_t*)nullptr);
+  auto pnorm = buf(kp, (float*)nullptr), best = buf(sbr, (float*)nullptr), thr = buf(sbr, (float*)nullptr),
+       band = buf(sbr, (float*)nullptr), scores = buf(sbr * CAP, (float*)nullptr);
+  auto count = buf(sbr, (int32_t*)nullptr), codes = buf(sbr * CAP, (int32_t*)nullptr);
+  std::vector<int64_t> fallback;
+
+  const double u = std::ldexp(1.0, -8), m = 2.0 * d2 + 2.0, ua = std::ldexp(1.0, -23);
+  const double g = m * ua / (1 - m * ua);
+  const double cmax_all = cs.abs_max, tiny = std::ldexp(1.0, -126);
+  const bool parallel = 2.0 * static_cast<double>(n) * k * d > 2e8 && n > mb;
+  constexpr float kBig = std::numeric_limits<float>::max();
+
+  for (int64_t s0 = 0; s0 < n; s0 += sb) {
+    const int64_t rows = std::min(sb, n - s0), rpad = round_up(rows, MR), nblocks = (rpad + mb - 1) / mb;
+#pragma omp parallel if (parallel)
+    {
+      std::vector<float> xr(static_cast<size_t>(d)), crow(static_cast<size_t>(d));
+      std::vector<double> x64(static_cast<size_t>(d));
+      // 1. bf16 rows, per-row bands, empty candidate lists.
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rpad; ++r) {
+        uint32_t* q = xq.get() + r * d2;
+        best[r] = kBig, count[r] = 0;
+        if (r >= rows) {  // padding row: zero features, never captures
+          std::fill(q, q + d2, 0u);
+          thr[r] = -kBig, band[r] = 0.0f;
+          continue;
+        }
+        to_float(x, dtype, (s0 + r) * d, d, xr.data());
+        double l1w = 0, l2 = 0, xmax = 0;
+        for (int64_t j = 0; j < d; ++j) {
+          const double a = std::fabs(static_cast<double>(xr[j]));
+          l1w += a * cmax[j], l2 += a * a, xmax = std::max(xmax, a);
+        }
+        for (int64_t p = 0; p < d2; ++p) {
+          const uint32_t lo = 2 * p < d ? bf16_bits(xr[2 * p]) : 0u, hi = 2 * p + 1 < d ? bf16_bits(xr[2 * p + 1]) : 0u;
+          q[p] = lo | (hi << 16);
+        }
+        const double S = std::min(l1w, std::sqrt(l2) * cs.norm_max);
+        const double E = (2 * (2 * u + u * u) + 2 * g * (1 + u) * (1 + u)) * S + g * cs.norm2_max +
+                         2.02 * d * tiny * (cmax_all + xmax) + m * 2 * tiny;
+        const double delta = (d + 2) * std::ldexp(1.0, -50) * (l2 + cs.norm2_max + 2 * S);
+        const double bd = (2 * E + 2 * delta) * (1 + 1e-6);
+        if (!(l2 < 1e36) || !(bd < 1e37)) {  // past the bound's range: the exact search decides
+          thr[r] = -kBig, band[r] = 0.0f, count[r] = CAP + 1;
+          continue;
+        }
+        thr[r] = kBig, band[r] = round_up_f(bd);
+      }
+      // 2. bf16 scores, panel by panel; candidates captured in the kernel's epilogue.
+      for (int64_t c0 = 0; c0 < k; c0 += kp) {
+        const int64_t nch = (std::min(kp, k - c0) + CW - 1) / CW;
+#pragma omp for schedule(static)
+        for (int64_t grp = 0; grp < nch * kFastNRV; ++grp) {
+          const int64_t qc = grp / kFastNRV, lane0 = (grp % kFastNRV) * kFastWidth;
+          uint32_t* dst = panel.get() + qc * d2 * CW + lane0;
+          for (int64_t l = 0; l < kFastWidth; ++l) {
+            const int64_t code = c0 + grp * kFastWidth + l;
+            if (code < k) {
+              to_float(codebook, dtype, code * d, d, crow.data());
+              for (int64_t p = 0; p < d2; ++p) {
+                const uint32_t lo = 2 * p < d ? bf16_bits(-2.0f * crow[2 * p]) : 0u;
+                const uint32_t hi = 2 * p + 1 < d ? bf16_bits(-2.0f * crow[2 * p + 1]) : 0u;
+                dst[p * CW + l] = lo | (hi << 16);
+              }
+              pnorm[grp * kFastWidth + l] = cnorm[code];
+            } else {
+              for (int64_t p = 0; p < d2; ++p) dst[p * CW + l] = 0u;
+              pnorm[grp * kFastWidth + l] = std::numeric_limits<float>::infinity();
+            }
+          }
+        }
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; ++b) {
+          const int64_t r0 = b * mb;
+          FastBlockArgs a{xq.get() + r0 * d2, std::min(mb, rpad - r0), d2, panel.get(), pnorm.get(), nch,
+                          static_cast<int32_t>(c0), best.get() + r0, thr.get() + r0, band.get() + r0,
+                          count.get() + r0, codes.get() + r0 * CAP, scores.get() + r0 * CAP};
+          fast_block_amx(a);
+        }
+      }
+      // 3. Candidates within the final band, decided in the float64 direct form.
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) {
+        if (count[r] > CAP) continue;
+        to_float(x, dtype, (s0 + r) * d, d, xr.data());
+        for (int64_t j = 0; j < d; ++j) x64[j] = xr[j];
+        int64_t bi = -1;
+        double bdist = std::numeric_limits<double>::infinity();
+        const int32_t* cr = codes.get() + r * CAP;
+        const float* sr = scores.get() + r * CAP;
+        for (int32_t i = 0; i < count[r]; ++i) {
+          if (!(sr[i] <= thr[r])) continue;
+          const double dd = direct_dist(x64.data(), codebook, dtype, cr[i], d, crow.data());
+          if (dd < bdist || (dd == bdist && cr[i] < bi)) bdist = dd, bi = cr[i];
+        }
+        out_idx[s0 + r] = bi;
+        out_dist[s0 + r] = static_cast<float>(bdist);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      if (count[r] > CAP) fallback.push_back(s0 + r);
+  }
+
+  NearestStats stats;
+  stats.isa = "amx-bf16";
+  stats.exact_rows = static_cast<int64_t>(fallback.size());
+  if (!fallback.empty()) {  // the exact search on the gathered rows
+    const int64_t nf = stats.exact_rows, es = dtype == DType::F32 ? 4 : 2;
+    std::vector<uint8_t> xs(static_cast<size_t>(nf * d * es));
+    for (int64_t i = 0; i < nf; ++i)
+      std::memcpy(xs.data() + i * d * es, static_cast<const uint8_t*>(x) + fallback[i] * d * es,
+                  static_cast<size_t>(d * es));
+    std::vector<int64_t> fi(static_cast<size_t>(nf));
+    std::vector<float> fd(static_cast<size_t>(nf));
+    nearest_exact(xs.data(), codebook, nf, k, d, dtype, fi.data(), fd.data());
+    for (int64_t i = 0; i < nf; ++i) out_idx[fallback[i]] = fi[i], out_dist[fallback[i]] = fd[i];
+  }
+  return stats;
+}
+
+}  // namespace nearest_detail
+
+#ifdef VQTOK_NO_AMX  // built without the AMX kernel (compiler too old): fast runs the exact path
+namespace nearest_detail {
+bool amx_bf16_usable() { return false; }
+void fast_block_amx(const FastBlockArgs&) {}
+}  // namespace nearest_detail
+#endif
+
+bool nearest_fast_available() { return active_isa() == Isa::Avx512 && nearest_detail::amx_bf16_usable(); }
+
+NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
+                             DType dtype, bool fast, int64_t* out_idx, float* out_dist) {
+  if (fast && n > 0 && nearest_fast_available())
+    return nearest_detail::nearest_code_l2_fast(x, codebook, n, k, d, dtype, out_idx, out_dist);
+  return nearest_detail::nearest_exact(x, codebook, n, k, d, dtype, out_idx, out_dist);
 }
 
 }  // namespace vqtok

@@ -23,10 +23,18 @@ struct NearestStats {
 // out_idx:  n int64, the chosen code per row (lowest index on exact ties).
 // out_dist: n float32, direct-form squared distance to the chosen code (double, rounded).
 // Sizes: n >= 0, 1 <= k < 2^31, d >= 1. `fast` asks for the certified low-precision path where
-// one exists (the answer is identical; today both modes run the fp32 path).
+// one exists (nearest_fast_available()): bf16 scores on AMX tiles, every code inside the bf16
+// error bound of the best kept as a candidate and decided in the float64 direct form; rows with
+// more than 64 candidates or values past the bound's range run the exact search. The answer is
+// identical to the exact mode's. Elsewhere `fast` runs the exact path.
 // Extra memory: one packed codebook panel (~1 MiB), per-thread row buffers (~64 KiB), 4 bytes
-// per code (norms) and 20 bytes per row. Runs on all OpenMP threads (one thread below ~1 ms of
+// per code (norms) and 20 bytes per row; the fast mode instead keeps at most ~8 MiB of row state
+// (rows are processed in super-blocks) plus 8 bytes per feature. Runs on all OpenMP threads (one thread below ~1 ms of
 // work); the SIMD level is chosen per call by active_isa() (env VQTOK_ISA may lower it).
+// True when `fast` runs the AMX-BF16 path here: active_isa() is AVX-512 (VQTOK_ISA may lower
+// it) and the CPU has AMX-BF16 that the OS lets this process use.
+bool nearest_fast_available();
+
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool fast, int64_t* out_idx, float* out_dist);
 

@@ -9,6 +9,9 @@ answer, and the peak extra memory.
 
 Backends:
   cpp          vqtok.ops.nearest_code(..., backend="cpp") (exact; certified re-decisions included)
+  cpp_fast     the same with precision="fast": bf16 AMX scores where the CPU has AMX-BF16, every
+               candidate inside the bf16 error bound decided exactly (same answer; elsewhere it
+               runs the exact path)
   faiss        faiss.IndexFlatL2(D) with the codes added, search(x, 1) (add not timed)
   torch_cdist  torch.cdist(x, c).argmin(1) (materialises N x K)
   torch_addmm  chunks of rows: addmm(|c|^2, x, c^T, alpha=-2).argmin(1) (no N x K matrix)
@@ -36,8 +39,8 @@ import torch
 
 from vqtok.ops import nearest_code
 
-ALL_BACKENDS = ("cpp", "faiss", "torch_cdist", "torch_addmm", "vqtorch")
-FUSED = ("cpp", "faiss")  # backends that never hold an N x K matrix: they also run the big K
+ALL_BACKENDS = ("cpp", "cpp_fast", "faiss", "torch_cdist", "torch_addmm", "vqtorch")
+FUSED = ("cpp", "cpp_fast", "faiss")  # backends that never hold an N x K matrix: they also run the big K
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def make_runner(cfg: NearestBenchConfig, backend: str, x: torch.Tensor, c: torch
     """A no-argument callable returning int64 indices [N] for ``backend`` (set-up not timed)."""
     if backend == "cpp":
         return lambda: nearest_code(x, c, backend="cpp")[0]
+    if backend == "cpp_fast":
+        return lambda: nearest_code(x, c, backend="cpp", precision="fast")[0]
     if backend == "faiss":
         import faiss
 

@@ -1,0 +1,57 @@
+// Internal interface of the certified fast nearest-code search: the driver (in
+// nearest_common.cpp) and its AMX-BF16 scoring kernel (nearest_fast_amx.cpp).
+#pragma once
+
+#include <cstdint>
+
+#include "vqtok/nearest.h"
+
+namespace vqtok::nearest_detail {
+
+constexpr int kFastWidth = 16;  // codes per tile column group
+constexpr int kFastMR = 16;     // rows per micro-tile (one 16-row tile)
+constexpr int kFastNRV = 4;     // groups per panel chunk: a chunk is 64 codes
+constexpr int kFastCap = 64;    // candidates kept per row; more and the row goes the exact way
+
+// One block of query rows against one packed bf16 panel.
+//
+// Pairs of features travel as one 32-bit word of two bf16 (feature 2p in the low half, 2p+1 in
+// the high half; odd d is padded with a zero feature). Chunk q of the panel occupies
+// panel[q*d2*CW : (q+1)*d2*CW] laid out [d2][CW] (CW = kFastNRV*kFastWidth codes) and holds -2*c
+// rounded to bf16, so vdpbf16ps accumulates the approximate score norms[code] - 2 x.c. Padding
+// codes have norm +inf.
+//
+// Candidate capture. Each row carries best (lowest approximate score so far), thr (an fp32
+// value >= best + band, rounded up) and a list of up to kFastCap (code, score) pairs. A score
+// vector whose lanes are all above thr costs one compare; otherwise every lane <= thr joins the
+// list (best and thr move down first; entries above thr are pruned when the list is full; a list
+// that is still full marks the row with count = kFastCap + 1). Rows with thr = -FLT_MAX
+// (padding) never capture.
+struct FastBlockArgs {
+  const uint32_t* xq;  // rows*d2 words (bf16 pairs), row-major
+  int64_t rows;        // a multiple of kFastMR
+  int64_t d2;          // feature pairs
+  const uint32_t* panel;
+  const float* norms;  // nchunks*CW floats
+  int64_t nchunks;
+  int32_t code_base;   // global index of the panel's first code
+  // per-row state, rows [0, rows)
+  float* best;
+  float* thr;
+  const float* band;
+  int32_t* count;
+  int32_t* codes;      // rows*kFastCap
+  float* scores;       // rows*kFastCap
+};
+
+// True when the CPU has AMX-BF16 and the OS lets this process use the tile registers (asks Linux
+// once for XTILEDATA permission).
+bool amx_bf16_usable();
+void fast_block_amx(const FastBlockArgs& a);
+
+// The certified fast search (see nearest.h); falls back to the exact search for rows it cannot
+// certify. Only call when active_isa() is AVX-512 and amx_bf16_usable().
+NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
+                                  DType dtype, int64_t* out_idx, float* out_dist);
+
+}  // namespace vqtok::nearest_detail
