@@ -13,8 +13,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <type_traits>
 #include <vector>
 
 #include "nearest_fast.h"
@@ -384,16 +382,25 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   const int64_t mb = MR * 6;  // rows per block
   // Rows per super-block: their bf16 rows and candidate lists take ~8 MiB at most.
   const int64_t sb = std::max(mb, std::min<int64_t>(32768, (int64_t{8} << 20) / (8 * d2 + 8 * CAP + 16)) / mb * mb);
-  // Uninitialised buffers (every element is written before it is read).
+  // Buffers reused across calls from the same thread (first-touch page faults of a fresh ~8 MiB
+  // would cost as much as a small search); every element is written before it is read.
   const int64_t sbr = std::min(sb, round_up(n, mb));
-  auto buf = [](int64_t count, auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    return std::unique_ptr<T[]>(new T[static_cast<size_t>(count)]);
+  static thread_local std::vector<uint32_t> panel_v, xq_v;
+  static thread_local std::vector<float> pnorm_v, best_v, thr_v, band_v, scores_v;
+  static thread_local std::vector<int32_t> count_v, codes_v;
+  auto grow = [](auto& v, int64_t count) {
+    if (v.size() < static_cast<size_t>(count)) v.resize(static_cast<size_t>(count));
+    return v.data();
   };
-  auto panel = buf(kp * d2, (uint32_t*)nullptr), xq = buf(sbr * d2, (uint32_t*)nullptr);
-  auto pnorm = buf(kp, (float*)nullptr), best = buf(sbr, (float*)nullptr), thr = buf(sbr, (float*)nullptr),
-       band = buf(sbr, (float*)nullptr), scores = buf(sbr * CAP, (float*)nullptr);
-  auto count = buf(sbr, (int32_t*)nullptr), codes = buf(sbr * CAP, (int32_t*)nullptr);
+  uint32_t* panel = grow(panel_v, kp * d2);
+  uint32_t* xq = grow(xq_v, sbr * d2);
+  float* pnorm = grow(pnorm_v, kp);
+  float* best = grow(best_v, sbr);
+  float* thr = grow(thr_v, sbr);
+  float* band = grow(band_v, sbr);
+  float* scores = grow(scores_v, sbr * CAP);
+  int32_t* count = grow(count_v, sbr);
+  int32_t* codes = grow(codes_v, sbr * CAP);
   std::vector<int64_t> fallback;
 
   const double u = std::ldexp(1.0, -8), m = 2.0 * d2 + 2.0, ua = std::ldexp(1.0, -23);
@@ -401,6 +408,11 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   const double cmax_all = cs.abs_max, tiny = std::ldexp(1.0, -126);
   const bool parallel = 2.0 * static_cast<double>(n) * k * d > 2e8 && n > mb;
   constexpr float kBig = std::numeric_limits<float>::max();
+  // Seed pass over the first panel's first codes (at most ~32k multiply-adds per row, and a
+  // quarter of the codebook): the rows' scans then start from a good best score, so candidate
+  // captures stay rare.
+  const int64_t seed_steps =
+      std::max<int64_t>(2, std::min((int64_t{1} << 15) / (2 * d2) / 32, round_up(k, CW) / 32 / 4));
 
   for (int64_t s0 = 0; s0 < n; s0 += sb) {
     const int64_t rows = std::min(sb, n - s0), rpad = round_up(rows, MR), nblocks = (rpad + mb - 1) / mb;
@@ -411,7 +423,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
       // 1. bf16 rows, per-row bands, empty candidate lists.
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rpad; ++r) {
-        uint32_t* q = xq.get() + r * d2;
+        uint32_t* q = xq + r * d2;
         best[r] = kBig, count[r] = 0;
         if (r >= rows) {  // padding row: zero features, never captures
           std::fill(q, q + d2, 0u);
@@ -445,7 +457,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
 #pragma omp for schedule(static)
         for (int64_t grp = 0; grp < nch * kFastNRV; ++grp) {
           const int64_t qc = grp / kFastNRV, lane0 = (grp % kFastNRV) * kFastWidth;
-          uint32_t* dst = panel.get() + qc * d2 * CW + lane0;
+          uint32_t* dst = panel + qc * d2 * CW + lane0;
           for (int64_t l = 0; l < kFastWidth; ++l) {
             const int64_t code = c0 + grp * kFastWidth + l;
             if (code < k) {
@@ -465,10 +477,10 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; ++b) {
           const int64_t r0 = b * mb;
-          FastBlockArgs a{xq.get() + r0 * d2, std::min(mb, rpad - r0), d2, panel.get(), pnorm.get(), nch,
-                          static_cast<int32_t>(c0), best.get() + r0, thr.get() + r0, band.get() + r0,
-                          count.get() + r0, codes.get() + r0 * CAP, scores.get() + r0 * CAP};
-          fast_block_amx(a);
+          FastBlockArgs a{xq + r0 * d2, std::min(mb, rpad - r0), d2, panel, pnorm, nch,
+                          static_cast<int32_t>(c0), best + r0, thr + r0, band + r0,
+                          count + r0, codes + r0 * CAP, scores + r0 * CAP};
+          fast_block_amx(a, c0 == 0 ? seed_steps : 0);
         }
       }
       // 3. Candidates within the final band, decided in the float64 direct form.
@@ -479,8 +491,8 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
         for (int64_t j = 0; j < d; ++j) x64[j] = xr[j];
         int64_t bi = -1;
         double bdist = std::numeric_limits<double>::infinity();
-        const int32_t* cr = codes.get() + r * CAP;
-        const float* sr = scores.get() + r * CAP;
+        const int32_t* cr = codes + r * CAP;
+        const float* sr = scores + r * CAP;
         for (int32_t i = 0; i < count[r]; ++i) {
           if (!(sr[i] <= thr[r])) continue;
           const double dd = direct_dist(x64.data(), codebook, dtype, cr[i], d, crow.data());
@@ -516,7 +528,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
 #ifdef VQTOK_NO_AMX  // built without the AMX kernel (compiler too old): fast runs the exact path
 namespace nearest_detail {
 bool amx_bf16_usable() { return false; }
-void fast_block_amx(const FastBlockArgs&) {}
+void fast_block_amx(const FastBlockArgs&, int64_t) {}
 }  // namespace nearest_detail
 #endif
 

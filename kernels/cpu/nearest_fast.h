@@ -47,7 +47,9 @@ struct FastBlockArgs {
 // True when the CPU has AMX-BF16 and the OS lets this process use the tile registers (asks Linux
 // once for XTILEDATA permission).
 bool amx_bf16_usable();
-void fast_block_amx(const FastBlockArgs& a);
+// seed_steps: steps of 32 codes at the panel's start scanned first for the rows' minimum (see
+// nearest_fast_amx.cpp); 0 for none.
+void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps);
 
 // The certified fast search (see nearest.h); falls back to the exact search for rows it cannot
 // certify. Only call when active_isa() is AVX-512 and amx_bf16_usable().

@@ -10,6 +10,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 
 #if defined(__linux__)
@@ -32,21 +33,28 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// The smallest float >= v (v finite, |v| < FLT_MAX).
 inline float round_up_f(double v) {
   const float f = static_cast<float>(v);
-  return static_cast<double>(f) >= v ? f : std::nextafter(f, FLT_MAX);
+  if (static_cast<double>(f) >= v) return f;
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  b = f > 0.0f ? b + 1 : f < 0.0f ? b - 1 : 1u;  // one ulp up (0 -> the smallest subnormal)
+  float r;
+  std::memcpy(&r, &b, 4);
+  return r;
 }
 
 // Slow path of the epilogue: row `r` has a score <= thr among s[0..32) (codes base..base+31).
 // Visits only the lanes <= thr, in ascending code order, moving best / thr down first.
-__attribute__((noinline)) void capture(const FastBlockArgs& a, int64_t r, const float* s, int32_t base) {
+__attribute__((noinline)) void capture(const FastBlockArgs& a, int64_t r, const float* s, int32_t base, int nl) {
   int32_t& cnt = a.count[r];
   float& best = a.best[r];
   float& thr = a.thr[r];
   int32_t* codes = a.codes + r * kFastCap;
   float* sc = a.scores + r * kFastCap;
-  uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(thr), _CMP_LE_OQ) |
-               uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(s + W), _mm512_set1_ps(thr), _CMP_LE_OQ)) << 16;
+  uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(thr), _CMP_LE_OQ);
+  if (nl > W) m |= uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(s + W), _mm512_set1_ps(thr), _CMP_LE_OQ)) << 16;
   while (m != 0) {
     if (cnt > kFastCap) return;  // overflowed: the row goes the exact way
     const int l = __builtin_ctz(m);
@@ -70,35 +78,60 @@ __attribute__((noinline)) void capture(const FastBlockArgs& a, int64_t r, const 
   }
 }
 
-// Epilogue of one 16-row x 32-code step, from its stored accumulators (cb: 16 rows x 32 dots,
-// row-major): scores = norms + dots, then the per-row threshold test.
-inline void epilogue(const FastBlockArgs& a, int64_t r0, int32_t base, const float* nrm, const float* cb) {
-  const __m512 n0 = _mm512_loadu_ps(nrm), n1 = _mm512_loadu_ps(nrm + W);
+// Epilogue of one 16-row x 16-code step from its stored accumulator (cb: 16 x 16 dots):
+// scores = norms + dots, then the per-row threshold test (seed pass: the running minimum).
+inline void epilogue(const FastBlockArgs& a, int64_t r0, int32_t base, const float* nrm, float* cb) {
+  const __m512 n0 = _mm512_loadu_ps(nrm);
   for (int r = 0; r < 16; ++r) {
-    const __m512 s0 = _mm512_add_ps(n0, _mm512_load_ps(cb + r * 2 * W));
-    const __m512 s1 = _mm512_add_ps(n1, _mm512_load_ps(cb + r * 2 * W + W));
-    if (_mm512_cmp_ps_mask(_mm512_min_ps(s0, s1), _mm512_set1_ps(a.thr[r0 + r]), _CMP_LE_OQ)) {
-      alignas(64) float s[2 * W];
-      _mm512_store_ps(s, s0);
-      _mm512_store_ps(s + W, s1);
-      capture(a, r0 + r, s, base);
+    const __m512 s0 = _mm512_add_ps(n0, _mm512_load_ps(cb + r * W));
+    if (_mm512_cmp_ps_mask(s0, _mm512_set1_ps(a.thr[r0 + r]), _CMP_LE_OQ)) {
+      _mm512_store_ps(cb + r * W, s0);
+      capture(a, r0 + r, cb + r * W, base, W);
     }
   }
 }
 
-// One step: 16 rows (tmm4; reloaded per 16-pair slice when nk > 1) x 32 codes into the
-// accumulator pair (C0, C1), zeroed first. A macro: GCC's tile intrinsics need literal tiles.
-#define VQTOK_AMX_STEP(C0, C1, bp)                           \
-  do {                                                       \
-    _tile_zero(C0);                                          \
-    _tile_zero(C1);                                          \
-    for (int64_t kk = 0; kk < nk; ++kk) {                    \
-      if (nk > 1) _tile_loadd(4, xa + kk * 16, xs);          \
-      _tile_loadd(6, (bp) + kk * kc * CW, CW * 4);           \
-      _tile_loadd(7, (bp) + kk * kc * CW + 16, CW * 4);      \
-      _tile_dpbf16ps(C0, 4, 6);                              \
-      _tile_dpbf16ps(C1, 4, 7);                              \
-    }                                                        \
+inline void seed_epilogue(const float* nrm, const float* cb, float* mins) {
+  const __m512 n0 = _mm512_loadu_ps(nrm);
+  for (int r = 0; r < 16; ++r)
+    _mm512_store_ps(mins + r * W, _mm512_min_ps(_mm512_load_ps(mins + r * W), _mm512_add_ps(n0, _mm512_load_ps(cb + r * W))));
+}
+
+// One step: 16 rows (tmm4; reloaded per 16-pair slice when nk > 1) x 16 codes into accumulator
+// C (zeroed first) with code tile B. A macro: GCC's tile intrinsics need literal tile numbers.
+#define VQTOK_AMX_STEP(C, B, j)                                  \
+  do {                                                           \
+    const uint32_t* bp_ = bptr(j);                               \
+    _tile_zero(C);                                               \
+    for (int64_t kk = 0; kk < nk; ++kk) {                        \
+      if (nk > 1) _tile_loadd(4, xa + kk * 16, xs);              \
+      _tile_loadd(B, bp_ + kk * kc * CW, CW * 4);                \
+      _tile_dpbf16ps(C, 4, B);                                   \
+    }                                                            \
+  } while (0)
+
+// Two steps (j, j+1) into accumulators (C0, C1) sharing each 16-pair slice of the rows (large d:
+// one row-tile load per two code tiles).
+#define VQTOK_AMX_STEP2(C0, C1, j)                               \
+  do {                                                           \
+    const uint32_t* bp0_ = bptr(j);                              \
+    const uint32_t* bp1_ = bptr((j) + 1);                        \
+    _tile_zero(C0);                                              \
+    _tile_zero(C1);                                              \
+    for (int64_t kk = 0; kk < nk; ++kk) {                        \
+      _tile_loadd(4, xa + kk * 16, xs);                          \
+      _tile_loadd(5, bp0_ + kk * kc * CW, CW * 4);               \
+      _tile_loadd(6, bp1_ + kk * kc * CW, CW * 4);               \
+      _tile_dpbf16ps(C0, 4, 5);                                  \
+      _tile_dpbf16ps(C1, 4, 6);                                  \
+    }                                                            \
+  } while (0)
+
+// Stores accumulator C (the step jj) and runs its epilogue.
+#define VQTOK_AMX_FLUSH(C, jj, EPI)                              \
+  do {                                                           \
+    _tile_stored(C, cbuf[C], W * 4);                             \
+    EPI;                                                         \
   } while (0)
 
 }  // namespace
@@ -123,42 +156,88 @@ bool amx_bf16_usable() {
   return ok;
 }
 
-// Steps alternate between accumulator pairs (tmm0, tmm1) and (tmm2, tmm3): while TMUL works on
-// one step, the previous step's pair is stored and its scores tested, so the tile stores and the
-// epilogue overlap the dot products instead of waiting for them.
-void fast_block_amx(const FastBlockArgs& a) {
+// Steps of 16 codes rotate through four accumulators (tmm0-3) and two code tiles (tmm5-6): a
+// step's accumulator is stored and tested two steps after its TDPBF16PS was issued, so the tile
+// stores and the epilogue overlap the dot products instead of waiting for their latency.
+//
+// Seed pass. A row's scan starts with no best score, so early codes all land under its
+// threshold and the capture slow path runs for most of them. When seed_steps > 0 each row tile
+// first takes the minimum over the first seed_steps steps (no capture) and starts from it: a
+// real approximate score, so the band logic is unchanged, and captures become rare.
+void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
   const int64_t d2 = a.d2, kc = d2 <= 16 ? d2 : 16, nk = d2 / kc;  // d2 > 16 is a multiple of 16
   TileConfig cfg;
-  for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 128 / 2;
+  for (int t = 0; t < 4; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   cfg.rows[4] = 16, cfg.colsb[4] = static_cast<uint16_t>(kc * 4);
-  for (int t = 6; t < 8; ++t) cfg.rows[t] = static_cast<uint8_t>(kc), cfg.colsb[t] = 64;
+  for (int t = 5; t < 7; ++t) cfg.rows[t] = static_cast<uint8_t>(kc), cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  alignas(64) float cbuf[2][16 * 2 * W];
-  const int64_t xs = d2 * 4;                // bytes per x row
-  const int64_t steps = a.nchunks * CW / 32;  // 32 codes per step
+  alignas(64) float cbuf[4][16 * W];
+  alignas(64) float mins[16 * W];
+  const int64_t xs = d2 * 4;                  // bytes per x row
+  const int64_t steps = a.nchunks * CW / 16;  // 16 codes per step (a multiple of 4)
+  seed_steps = std::min(seed_steps, steps) / 4 * 4;
   for (int64_t r0 = 0; r0 < a.rows; r0 += 16) {
     const uint32_t* xa = a.xq + r0 * d2;
     if (nk == 1) _tile_loadd(4, xa, xs);  // the rows stay in tmm4 for the whole panel
-    auto bptr = [&](int64_t j) { return a.panel + (j / 2) * d2 * CW + (j % 2) * 32; };
-    auto base = [&](int64_t j) { return a.code_base + static_cast<int32_t>(j * 32); };
-    for (int64_t j = 0; j < steps; j += 2) {
-      VQTOK_AMX_STEP(0, 1, bptr(j));
-      if (j > 0) {  // previous odd step: pair (2, 3)
-        _tile_stored(2, cbuf[1], 2 * W * 4);
-        _tile_stored(3, cbuf[1] + W, 2 * W * 4);
-        epilogue(a, r0, base(j - 1), a.norms + (j - 1) * 32, cbuf[1]);
+    auto bptr = [&](int64_t j) { return a.panel + (j / 4) * d2 * CW + (j % 4) * 16; };
+    auto base = [&](int64_t j) { return a.code_base + static_cast<int32_t>(j * 16); };
+#define VQTOK_SEED(jj) seed_epilogue(a.norms + (jj) * 16, cbuf[(jj) % 4], mins)
+#define VQTOK_TEST(jj) epilogue(a, r0, base(jj), a.norms + (jj) * 16, cbuf[(jj) % 4])
+    if (seed_steps > 0) {
+      for (int i = 0; i < 16 * W; ++i) mins[i] = FLT_MAX;
+      for (int64_t j = 0; j < seed_steps; j += 4) {
+        VQTOK_AMX_STEP(0, 5, j);
+        if (j > 0) VQTOK_AMX_FLUSH(2, j - 2, VQTOK_SEED(j - 2));
+        VQTOK_AMX_STEP(1, 6, j + 1);
+        if (j > 0) VQTOK_AMX_FLUSH(3, j - 1, VQTOK_SEED(j - 1));
+        VQTOK_AMX_STEP(2, 5, j + 2);
+        VQTOK_AMX_FLUSH(0, j, VQTOK_SEED(j));
+        VQTOK_AMX_STEP(3, 6, j + 3);
+        VQTOK_AMX_FLUSH(1, j + 1, VQTOK_SEED(j + 1));
       }
-      VQTOK_AMX_STEP(2, 3, bptr(j + 1));  // steps is even: a chunk is two steps
-      _tile_stored(0, cbuf[0], 2 * W * 4);
-      _tile_stored(1, cbuf[0] + W, 2 * W * 4);
-      epilogue(a, r0, base(j), a.norms + j * 32, cbuf[0]);
+      VQTOK_AMX_FLUSH(2, seed_steps - 2, VQTOK_SEED(seed_steps - 2));
+      VQTOK_AMX_FLUSH(3, seed_steps - 1, VQTOK_SEED(seed_steps - 1));
+      for (int r = 0; r < 16; ++r) {
+        const float v = _mm512_reduce_min_ps(_mm512_load_ps(mins + r * W));
+        const int64_t row = r0 + r;
+        if (v < a.best[row] && a.thr[row] > -FLT_MAX) {  // not for padding / exact-path rows
+          a.best[row] = v;
+          a.thr[row] = round_up_f(static_cast<double>(v) + a.band[row]);
+        }
+      }
     }
-    _tile_stored(2, cbuf[1], 2 * W * 4);
-    _tile_stored(3, cbuf[1] + W, 2 * W * 4);
-    epilogue(a, r0, base(steps - 1), a.norms + (steps - 1) * 32, cbuf[1]);
+    if (nk == 1) {
+      for (int64_t j = 0; j < steps; j += 4) {
+        VQTOK_AMX_STEP(0, 5, j);
+        if (j > 0) VQTOK_AMX_FLUSH(2, j - 2, VQTOK_TEST(j - 2));
+        VQTOK_AMX_STEP(1, 6, j + 1);
+        if (j > 0) VQTOK_AMX_FLUSH(3, j - 1, VQTOK_TEST(j - 1));
+        VQTOK_AMX_STEP(2, 5, j + 2);
+        VQTOK_AMX_FLUSH(0, j, VQTOK_TEST(j));
+        VQTOK_AMX_STEP(3, 6, j + 3);
+        VQTOK_AMX_FLUSH(1, j + 1, VQTOK_TEST(j + 1));
+      }
+    } else {  // d2 > 16: long TDPBF16PS chains hide the latency; share the row-tile loads
+      for (int64_t j = 0; j < steps; j += 4) {
+        VQTOK_AMX_STEP2(0, 1, j);
+        if (j > 0) {
+          VQTOK_AMX_FLUSH(2, j - 2, VQTOK_TEST(j - 2));
+          VQTOK_AMX_FLUSH(3, j - 1, VQTOK_TEST(j - 1));
+        }
+        VQTOK_AMX_STEP2(2, 3, j + 2);
+        VQTOK_AMX_FLUSH(0, j, VQTOK_TEST(j));
+        VQTOK_AMX_FLUSH(1, j + 1, VQTOK_TEST(j + 1));
+      }
+    }
+    VQTOK_AMX_FLUSH(2, steps - 2, VQTOK_TEST(steps - 2));
+    VQTOK_AMX_FLUSH(3, steps - 1, VQTOK_TEST(steps - 1));
+#undef VQTOK_SEED
+#undef VQTOK_TEST
   }
   _tile_release();
 }
 #undef VQTOK_AMX_STEP
+#undef VQTOK_AMX_STEP2
+#undef VQTOK_AMX_FLUSH
 
 }  // namespace vqtok::nearest_detail
