@@ -127,6 +127,10 @@ inline void seed_epilogue(const float* nrm, const float* cb, float* mins) {
     }                                                            \
   } while (0)
 
+// Stores accumulator C into its buffer (tested one step later: loads right after a tile store
+// would wait for it to reach L1).
+#define VQTOK_AMX_STORE(C) _tile_stored(C, cbuf[C], W * 4)
+
 // Stores accumulator C (the step jj) and runs its epilogue.
 #define VQTOK_AMX_FLUSH(C, jj, EPI)                              \
   do {                                                           \
@@ -157,8 +161,9 @@ bool amx_bf16_usable() {
 }
 
 // Steps of 16 codes rotate through four accumulators (tmm0-3) and two code tiles (tmm5-6): a
-// step's accumulator is stored and tested two steps after its TDPBF16PS was issued, so the tile
-// stores and the epilogue overlap the dot products instead of waiting for their latency.
+// step's accumulator is stored two steps after its TDPBF16PS was issued and its scores are
+// tested one step later still, so tile stores and the epilogue overlap the dot products instead
+// of waiting for their latency.
 //
 // Seed pass. A row's scan starts with no best score, so early codes all land under its
 // threshold and the capture slow path runs for most of them. When seed_steps > 0 each row tile
@@ -187,16 +192,17 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
       for (int i = 0; i < 16 * W; ++i) mins[i] = FLT_MAX;
       for (int64_t j = 0; j < seed_steps; j += 4) {
         VQTOK_AMX_STEP(0, 5, j);
-        if (j > 0) VQTOK_AMX_FLUSH(2, j - 2, VQTOK_SEED(j - 2));
+        if (j > 0) { VQTOK_AMX_STORE(2); VQTOK_SEED(j - 3); }
         VQTOK_AMX_STEP(1, 6, j + 1);
-        if (j > 0) VQTOK_AMX_FLUSH(3, j - 1, VQTOK_SEED(j - 1));
+        if (j > 0) { VQTOK_AMX_STORE(3); VQTOK_SEED(j - 2); }
         VQTOK_AMX_STEP(2, 5, j + 2);
-        VQTOK_AMX_FLUSH(0, j, VQTOK_SEED(j));
+        VQTOK_AMX_STORE(0);
+        if (j > 0) VQTOK_SEED(j - 1);
         VQTOK_AMX_STEP(3, 6, j + 3);
-        VQTOK_AMX_FLUSH(1, j + 1, VQTOK_SEED(j + 1));
+        { VQTOK_AMX_STORE(1); VQTOK_SEED(j); }
       }
-      VQTOK_AMX_FLUSH(2, seed_steps - 2, VQTOK_SEED(seed_steps - 2));
-      VQTOK_AMX_FLUSH(3, seed_steps - 1, VQTOK_SEED(seed_steps - 1));
+      { VQTOK_AMX_STORE(2); VQTOK_SEED(seed_steps - 3); }
+      { VQTOK_AMX_STORE(3); VQTOK_SEED(seed_steps - 2), VQTOK_SEED(seed_steps - 1); }
       for (int r = 0; r < 16; ++r) {
         const float v = _mm512_reduce_min_ps(_mm512_load_ps(mins + r * W));
         const int64_t row = r0 + r;
@@ -209,14 +215,17 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
     if (nk == 1) {
       for (int64_t j = 0; j < steps; j += 4) {
         VQTOK_AMX_STEP(0, 5, j);
-        if (j > 0) VQTOK_AMX_FLUSH(2, j - 2, VQTOK_TEST(j - 2));
+        if (j > 0) { VQTOK_AMX_STORE(2); VQTOK_TEST(j - 3); }
         VQTOK_AMX_STEP(1, 6, j + 1);
-        if (j > 0) VQTOK_AMX_FLUSH(3, j - 1, VQTOK_TEST(j - 1));
+        if (j > 0) { VQTOK_AMX_STORE(3); VQTOK_TEST(j - 2); }
         VQTOK_AMX_STEP(2, 5, j + 2);
-        VQTOK_AMX_FLUSH(0, j, VQTOK_TEST(j));
+        VQTOK_AMX_STORE(0);
+        if (j > 0) VQTOK_TEST(j - 1);
         VQTOK_AMX_STEP(3, 6, j + 3);
-        VQTOK_AMX_FLUSH(1, j + 1, VQTOK_TEST(j + 1));
+        { VQTOK_AMX_STORE(1); VQTOK_TEST(j); }
       }
+      { VQTOK_AMX_STORE(2); VQTOK_TEST(steps - 3); }
+      { VQTOK_AMX_STORE(3); VQTOK_TEST(steps - 2), VQTOK_TEST(steps - 1); }
     } else {  // d2 > 16: long TDPBF16PS chains hide the latency; share the row-tile loads
       for (int64_t j = 0; j < steps; j += 4) {
         VQTOK_AMX_STEP2(0, 1, j);
@@ -228,9 +237,9 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
         VQTOK_AMX_FLUSH(0, j, VQTOK_TEST(j));
         VQTOK_AMX_FLUSH(1, j + 1, VQTOK_TEST(j + 1));
       }
+      VQTOK_AMX_FLUSH(2, steps - 2, VQTOK_TEST(steps - 2));
+      VQTOK_AMX_FLUSH(3, steps - 1, VQTOK_TEST(steps - 1));
     }
-    VQTOK_AMX_FLUSH(2, steps - 2, VQTOK_TEST(steps - 2));
-    VQTOK_AMX_FLUSH(3, steps - 1, VQTOK_TEST(steps - 1));
 #undef VQTOK_SEED
 #undef VQTOK_TEST
   }
@@ -239,5 +248,6 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
 #undef VQTOK_AMX_STEP
 #undef VQTOK_AMX_STEP2
 #undef VQTOK_AMX_FLUSH
+#undef VQTOK_AMX_STORE
 
 }  // namespace vqtok::nearest_detail
