@@ -33,7 +33,9 @@ def isa(request, monkeypatch):
 
 
 @pytest.fixture(params=["exact", "fast"])
-def precision(request):
+def precision(request, monkeypatch):
+    # the AMX path even for the small shapes here (by default they run the fp32 kernel)
+    monkeypatch.setenv("VQTOK_NEAREST_FAST", "always")
     return request.param
 
 
@@ -114,11 +116,16 @@ def test_half_inputs(isa, precision, dtype):
     assert idx[0] == 7
 
 
-def test_fast_mode_gives_the_exact_answer(isa):
+def test_fast_mode_gives_the_exact_answer(isa, fast_always):
     x, c = torch.randn(64, 24), torch.randn(500, 24)
     _check(x, c, isa, precision="fast")
     ran = _raw(x, c, fast=True)[3]
     assert ran == (_fast_isa() if isa == "avx512" and _fast_isa() else isa)
+
+
+@pytest.fixture
+def fast_always(monkeypatch):
+    monkeypatch.setenv("VQTOK_NEAREST_FAST", "always")
 
 
 def _need_fast(isa):
@@ -127,7 +134,7 @@ def _need_fast(isa):
 
 
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (33, 65, 3), (70, 200, 17), (40, 100, 33), (37, 300, 64), (20, 90, 257)])
-def test_fast_tile_shapes(isa, n, k, d):
+def test_fast_tile_shapes(isa, fast_always, n, k, d):
     # odd d (a zero feature pads the last bf16 pair), d2 > 16 padded to whole tile steps, rows and
     # codes not multiples of the 16-row tile, the 32-code step or the 64-code chunk
     _need_fast(isa)
@@ -136,7 +143,7 @@ def test_fast_tile_shapes(isa, n, k, d):
     assert _raw(x, c, fast=True)[2] == 0  # certified without the exact fallback
 
 
-def test_fast_duplicates_across_step_chunk_and_panel_edges(isa):
+def test_fast_duplicates_across_step_chunk_and_panel_edges(isa, fast_always):
     # d=8 packs 32768 codes per panel: copies of one code at both sides of a 32-code step, a
     # 64-code chunk and the panel edge all land inside the bf16 band; the lowest index wins
     _need_fast(isa)
@@ -150,7 +157,7 @@ def test_fast_duplicates_across_step_chunk_and_panel_edges(isa):
     assert (idx == 31).all()
 
 
-def test_fast_overflowing_candidates_take_the_exact_path(isa):
+def test_fast_overflowing_candidates_take_the_exact_path(isa, fast_always):
     # 100 identical nearest codes: more than the 64 candidates a row keeps, so the rows go to
     # the exact search; the answer is still the lowest index
     _need_fast(isa)
@@ -163,7 +170,16 @@ def test_fast_overflowing_candidates_take_the_exact_path(isa):
     _check(x, c, isa, "fast")
 
 
-def test_fast_many_rows_in_super_blocks(isa):
+def test_fast_mode_picks_the_kernel_by_size(isa, monkeypatch):
+    _need_fast(isa)
+    monkeypatch.delenv("VQTOK_NEAREST_FAST", raising=False)
+    x = torch.randn(20, 8)
+    assert _raw(x, torch.randn(1024, 8), fast=True)[3] == "avx512"  # k d^2 < 2^19: the fp32 kernel
+    assert _raw(x, torch.randn(8192, 8), fast=True)[3] == _fast_isa()
+    assert _raw(x[:, :7], torch.randn(1024, 7), fast=False)[3] == "avx512"
+
+
+def test_fast_many_rows_in_super_blocks(isa, fast_always):
     # d=256 keeps ~5k rows of candidate state at a time: 6000 rows need two super-blocks
     _need_fast(isa)
     x, c = torch.randn(6000, 256), torch.randn(40, 256)

@@ -408,11 +408,9 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   const double cmax_all = cs.abs_max, tiny = std::ldexp(1.0, -126);
   const bool parallel = 2.0 * static_cast<double>(n) * k * d > 2e8 && n > mb;
   constexpr float kBig = std::numeric_limits<float>::max();
-  // Seed pass over the first panel's first codes (at most ~32k multiply-adds per row, and a
-  // quarter of the codebook): the rows' scans then start from a good best score, so candidate
-  // captures stay rare.
-  const int64_t seed_steps =
-      std::max<int64_t>(2, std::min((int64_t{1} << 15) / (2 * d2) / 32, round_up(k, CW) / 32 / 4));
+  // Seed pass over the first panel's first codes (~32k multiply-adds per row at any d): the
+  // rows' scans then start from a good best score, so candidate captures stay rare.
+  const int64_t seed_steps = std::max<int64_t>(4, (int64_t{1} << 15) / (2 * d2) / 16);  // 16-code steps
 
   for (int64_t s0 = 0; s0 < n; s0 += sb) {
     const int64_t rows = std::min(sb, n - s0), rpad = round_up(rows, MR), nblocks = (rpad + mb - 1) / mb;
@@ -534,9 +532,19 @@ void fast_block_amx(const FastBlockArgs&, int64_t) {}
 
 bool nearest_fast_available() { return active_isa() == Isa::Avx512 && nearest_detail::amx_bf16_usable(); }
 
+bool nearest_fast_runs(int64_t k, int64_t d) {
+  if (!nearest_fast_available()) return false;
+  const char* env = std::getenv("VQTOK_NEAREST_FAST");
+  if (env != nullptr && std::strcmp(env, "always") == 0) return true;
+  // A TDPBF16PS costs the same for 1..32 features, and each 16 x 16 tile of scores still pays a
+  // store and a test: below ~k d^2 = 2^19 (d = 8: 8192 codes; d = 16: 2048; d = 32: 512) the
+  // fp32 register kernel is as fast or faster (measured on a 2-core Sapphire Rapids).
+  return k * d * d >= (int64_t{1} << 19);
+}
+
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool fast, int64_t* out_idx, float* out_dist) {
-  if (fast && n > 0 && nearest_fast_available())
+  if (fast && n > 0 && nearest_fast_runs(k, d))
     return nearest_detail::nearest_code_l2_fast(x, codebook, n, k, d, dtype, out_idx, out_dist);
   return nearest_detail::nearest_exact(x, codebook, n, k, d, dtype, out_idx, out_dist);
 }

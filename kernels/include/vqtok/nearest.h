@@ -23,7 +23,7 @@ struct NearestStats {
 // out_idx:  n int64, the chosen code per row (lowest index on exact ties).
 // out_dist: n float32, direct-form squared distance to the chosen code (double, rounded).
 // Sizes: n >= 0, 1 <= k < 2^31, d >= 1. `fast` asks for the certified low-precision path where
-// one exists (nearest_fast_available()): bf16 scores on AMX tiles, every code inside the bf16
+// one runs (nearest_fast_runs()): bf16 scores on AMX tiles, every code inside the bf16
 // error bound of the best kept as a candidate and decided in the float64 direct form; rows with
 // more than 64 candidates or values past the bound's range run the exact search. The answer is
 // identical to the exact mode's. Elsewhere `fast` runs the exact path.
@@ -34,6 +34,11 @@ struct NearestStats {
 // True when `fast` runs the AMX-BF16 path here: active_isa() is AVX-512 (VQTOK_ISA may lower
 // it) and the CPU has AMX-BF16 that the OS lets this process use.
 bool nearest_fast_available();
+// True when nearest_code_l2(fast = true) takes the AMX path for k codes of d features: where it
+// is available and k * d^2 >= 2^19 (smaller searches run the exact fp32 kernel, which is as
+// fast there), or always when the environment variable VQTOK_NEAREST_FAST is "always" (read at
+// each call; tests use it to reach the AMX path with small shapes).
+bool nearest_fast_runs(int64_t k, int64_t d);
 
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool fast, int64_t* out_idx, float* out_dist);
