@@ -59,7 +59,10 @@ void bind_nearest(py::module_& m) {
         "(same answer). Returns (rows re-decided in the direct form, or in fast mode rows sent to the "
         "exact search; ISA used).");
   m.def("nearest_fast_isa", [] { return std::string(vqtok::nearest_fast_available() ? "amx-bf16" : ""); },
-        "The kernel nearest_code_l2(fast=True) runs here: 'amx-bf16', or '' when it runs the exact path.");
+        "The kernel nearest_code_l2(fast=True) can run here: 'amx-bf16', or '' when it runs the exact path.");
+  m.def("nearest_fast_runs", &vqtok::nearest_fast_runs, py::arg("k"), py::arg("d"),
+        "True when nearest_code_l2(fast=True) takes the AMX path for k codes of d features (by size; "
+        "VQTOK_NEAREST_FAST=always forces it).");
 }
 
 #undef VQTOK_CHECK

@@ -151,6 +151,18 @@ def _fma_peak_gflops() -> float | None:
     return None
 
 
+def _fast_kernel(k: int, d: int) -> str:
+    """Which kernel precision="fast" ran for this shape."""
+    from vqtok.ops import _native
+
+    c = _native._C
+    if c is None or not hasattr(c, "nearest_fast_runs"):
+        return "exact kernel"
+    if c.nearest_fast_runs(k, d):
+        return c.nearest_fast_isa()
+    return "fp32 kernel" + (" (k d^2 < 2^19)" if c.nearest_fast_isa() else " (no AMX-BF16)")
+
+
 def _time(fn, reps: int) -> tuple[float, torch.Tensor]:
     out = fn()  # warm-up
     ts = []
@@ -244,6 +256,8 @@ def run(quick: bool = False, backends=None, cfg: NearestBenchConfig | None = Non
             row["peak_frac"] = round(row["gflops"] / peak, 3)
         if b == "faiss":
             faiss_ms[(d, k)] = row["ms"]
+        if b == "cpp_fast":
+            row["note"] = _fast_kernel(k, d)
         rows.append(row)
     for row in rows:
         f = faiss_ms.get((row["D"], row["K"]))
