@@ -197,6 +197,24 @@ struct Avx2Ops {
 #endif
 
 #ifdef __AVX512F__
+// Indices of 16 rows whose d (a power of two up to 16) digits lie in d consecutive vectors of
+// dig: each vector holds 16/d whole rows. digit * basis per lane, then log2(d) shuffle-adds leave
+// each row's sum in its first lane (int32 wrap-around, like the scalar loop), compressed out.
+inline void index_block_i32_pow2(const float* dig, int d, const int32_t* basis, int32_t* out) {
+  alignas(64) int32_t pat[16];
+  for (int i = 0; i < 16; ++i) pat[i] = basis[i % d];
+  const __m512i bp = _mm512_load_si512(pat);
+  const __mmask16 first = d == 2 ? 0x5555 : d == 4 ? 0x1111 : d == 8 ? 0x0101 : 0x0001;
+  for (int k = 0; k < d; ++k) {
+    __m512i v = _mm512_mullo_epi32(_mm512_cvttps_epi32(_mm512_loadu_ps(dig + k * 16)), bp);
+    v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_CDAB));  // + neighbour
+    if (d >= 4) v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));  // + other pair
+    if (d >= 8) v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, 0xB1));  // + other 128-bit lane
+    if (d >= 16) v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, 0x4E));  // + other 256-bit half
+    _mm512_mask_compressstoreu_epi32(out + k * (16 / d), first, v);
+  }
+}
+
 struct Avx512Ops {
   using F = __m512;
   using D = __m512d;
@@ -255,6 +273,10 @@ struct Avx512Ops {
     return pos;
   }
   static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+    if (d == 2 || d == 4 || d == 8 || d == 16) {  // rows never straddle a vector: no gathers
+      index_block_i32_pow2(dig, d, basis, out);
+      return;
+    }
     const __m512i rows = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(d));
     __m512i acc = _mm512_setzero_si512();
