@@ -422,3 +422,12 @@ def test_bench_modules_case_and_skip_rule():
     cfg = bm.ModulesBenchConfig()
     assert bm._peer_skip_reason(65536, 65536, cfg) == "needs 16.0 GiB (N x K fp32 matrix)"
     assert bm._peer_skip_reason(1024, 1024, cfg) is None
+
+
+def test_simvq_init_std_scales_the_frozen_basis():
+    default, unit = SimVQ(16, 4096, seed=3), SimVQ(16, 4096, seed=3, init_std=1.0)
+    torch.testing.assert_close(unit.frozen_codebook, default.frozen_codebook * 4.0)  # D^-0.5 = 1/4
+    assert abs(float(unit.frozen_codebook.std()) - 1.0) < 0.02
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="init_std"):
+            SimVQ(4, 8, init_std=bad)

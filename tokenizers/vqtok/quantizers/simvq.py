@@ -23,7 +23,9 @@ from .health import make_health, track
 
 class SimVQ(Quantizer):
     """Args: dim (D), codebook_size (K), beta (commitment weight), estimator ("ste"|"rotation"),
-    backend (nearest_code backend), health (CodebookHealth kwargs), seed (of the frozen basis)."""
+    backend (nearest_code backend), health (CodebookHealth kwargs), seed (of the frozen basis),
+    init_std (std of the frozen basis entries; default D^-0.5, unit-norm codes as in the paper;
+    1.0 matches latents standardised per channel)."""
 
     def __init__(
         self,
@@ -35,14 +37,18 @@ class SimVQ(Quantizer):
         backend: str = "auto",
         health: dict | None = None,
         seed: int = 0,
+        init_std: float | None = None,
     ):
         super().__init__()
         self.dim = C.check_positive_int("dim", dim)
         self.codebook_size = C.check_positive_int("codebook_size", codebook_size)
         C.check_choice("estimator", estimator, C.ESTIMATORS)
         self.beta, self.estimator, self.backend = float(beta), estimator, backend
+        std = dim**-0.5 if init_std is None else float(init_std)
+        if not std > 0 or std == float("inf"):
+            raise ValueError(f"init_std must be a positive finite number, got {init_std!r}")
         g = torch.Generator().manual_seed(int(seed))  # same basis on every rank without a broadcast
-        self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim, generator=g) * dim**-0.5)
+        self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim, generator=g) * std)
         self.proj = nn.Linear(dim, dim, bias=False)
         nn.init.eye_(self.proj.weight)  # starts at C itself; learned from there
         self.health = make_health(codebook_size, health)
