@@ -6,23 +6,33 @@ random init) is the classic collapse case and must be flagged by the collapse si
 
 Setup (frozen in ``StudyConfig``): every photo is used at several ``scales`` of its full size (as
 vqtok.data's multi-scale sets). Training draws random ``crop``x``crop`` crops (with flips) from the
-training photos; evaluation cuts the held-out photos (retina, the stereo motorcycle pair, flower;
-the same split as vqtok.data) into a non-overlapping grid of ``eval_tile`` px tiles: 895 tiles,
-229k tokens, 14x the 2^14 codes. For 2^18 codes the held-out set cannot show full usage; each row
-reports ``usage_ceiling`` = min(K, tokens) / K next to the (unchanged) usage. The autoencoder
-downsamples by 4, so a 32x32 crop is an 8x8 token grid. Every row trains the same architecture
-from the same seed with AdamW on MSE + the quantizer's own loss for ``steps`` steps; k-means rows
-first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put back on the per-step
-scale) and restart codes whose EMA count falls below half a uniform code's per-step share.
-Held-out metrics come from ``vqtok.evaluate`` (usage, perplexity, dead codes, collapse, PSNR, SSIM).
+training photos; the held-out photos (retina, the stereo motorcycle pair, flower; the same split as
+vqtok.data) are never trained on. The autoencoder downsamples by 4 (a 32x32 crop is an 8x8 token
+grid) and standardises its latent per channel. Every row trains the same architecture from the
+same seed with AdamW on MSE + the quantizer's own loss for ``steps`` steps; a row whose step time
+(timed after ``probe_steps`` warm-up steps) projects past ``max_train_s`` trains for the steps
+that fit in that time instead (the ``steps`` column). k-means rows first initialise from
+``init_tokens_per_code`` x K tokens (EMA counts put back on the per-step scale) and restart codes
+whose EMA count falls below
+``restart_share`` of a uniform code's per-step share (at most 2). Each vqtok row's ``setup`` (the
+build_quantizer arguments: restarts, entropy terms) is in the JSON.
+
+Evaluation, two passes over the held-out photos:
+- reconstruction (PSNR, SSIM via ``vqtok.evaluate``) on a non-overlapping grid of ``eval_tile`` px
+  tiles: 895 tiles, 229k tokens;
+- codebook health (usage, perplexity, dead codes, collapse via ``vqtok.evaluate.codebook_stats``)
+  on the same grid at every phase of the 4 px token grid and mirrored (``dense_views``: 32 views,
+  7.2M tokens, 27 per code at 2^18; ImageNet's 50k validation images at 16x16 tokens are 12.8M),
+  encoder and quantizer only. Each row also prints ``ceiling`` = min(K, tokens) / K.
 
 Peers: vector-quantize-pytorch's VectorQuantize (EMA, kmeans_init, threshold_ema_dead_code,
 rotation_trick), FSQ and LFQ (entropy loss on) under the same model and budget. Peer LFQ
 materialises an N x 2^B probability matrix; rows whose estimate exceeds ``peer_lfq_max_gib`` are
 reported as skipped with the estimate.
 
-    python benchmarks/quantizer_study.py            # full study (< 30 min on 2 CPU cores)
-    python benchmarks/quantizer_study.py --quick    # CI smoke run (< 60 s)
+    # full study; on 2 CPU cores ~23 min for the vqtok rows, > 11 min for the peers' 2^14 VQ
+    python benchmarks/quantizer_study.py --threads 2
+    python benchmarks/quantizer_study.py --quick    # CI smoke run
     python benchmarks/quantizer_study.py --json out.json --rows fsq,lfq
 """
 
@@ -51,7 +61,7 @@ EVAL_PHOTOS = ("retina", "motorcycle_left", "motorcycle_right", "flower")
 
 @dataclass(frozen=True)
 class StudyConfig:
-    steps: int = 300          # optimiser steps per row
+    steps: int = 3000         # optimiser steps per row
     batch: int = 24           # crops per step (x 64 tokens = 1536 tokens per step)
     crop: int = 32            # training crop side in px (an 8x8 token grid)
     scales: tuple = (0.25, 0.5, 1.0)  # photo scales (of full size) for training and held-out tiles
@@ -60,9 +70,12 @@ class StudyConfig:
     width: int = 48           # autoencoder channels
     lr: float = 2e-3
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
+    restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
     big_sizes: tuple = (18,)  # extra log2 sizes for FSQ and LFQ
     peer_lfq_max_gib: float = 2.0
+    probe_steps: int = 10      # steps timed (after as many warm-up steps) against max_train_s
+    max_train_s: float = 90.0   # a row projected to train longer gets the steps that fit in this time
     seed: int = 0
 
     @property
@@ -139,6 +152,62 @@ def tiles(photos: list[torch.Tensor], tile: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def dense_views(photos: list[torch.Tensor], tile: int, patch: int = 4):
+    """Yield [n, 3, tile, tile] tile grids of every photo at every phase of the ``patch`` px token
+    grid (patch^2 offsets) and its mirror image: patch^2 * 2 x the tokens of ``tiles``, each view
+    putting different pixels into every token. Generated one view at a time (bounded memory)."""
+    for p in photos:
+        for flip in (False, True):
+            q = p.flip(-1) if flip else p
+            for oy in range(patch):
+                for ox in range(patch):
+                    view = q[:, oy:, ox:]
+                    if min(view.shape[1:]) >= tile:
+                        yield tiles([view], tile)
+
+
+def dense_token_count(photos: list[torch.Tensor], tile: int, patch: int = 4) -> int:
+    """Tokens in ``dense_views`` (without building the views)."""
+    n = 0
+    for p in photos:
+        for oy in range(patch):
+            for ox in range(patch):
+                n += 2 * ((p.shape[1] - oy) // tile) * ((p.shape[2] - ox) // tile)
+    return n * (tile // patch) ** 2
+
+
+@torch.no_grad()
+def held_out_codebook_health(model: nn.Module, photos: list[torch.Tensor], tile: int, layers: int,
+                             batch: int = 256) -> dict:
+    """Codebook health over ``dense_views`` of the held-out photos (encoder + quantizer only).
+
+    Returns vqtok.evaluate.codebook_stats of the whole-set histogram (per layer for residual
+    quantizers, whose usage / perplexity are the mean over layers, as in ``vqtok.evaluate``).
+    """
+    from vqtok.evaluate import codebook_stats
+
+    k = int(model.quantizer.codebook_size)
+    counts = torch.zeros(layers, k, dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        for view in dense_views(photos, tile):
+            for i in range(0, len(view), batch):
+                idx = model.quantizer(model.encoder(view[i : i + batch])).indices
+                idx = idx.reshape(-1, layers) if layers > 1 else idx.reshape(-1, 1)
+                for layer in range(layers):
+                    counts[layer] += torch.bincount(idx[:, layer], minlength=k)
+    finally:
+        model.train(was_training)
+    per_layer = [codebook_stats(c) for c in counts]
+    out = {key: sum(s[key] for s in per_layer) / layers for key in ("usage", "perplexity")}
+    out.update(dead_codes=min(s["dead_codes"] for s in per_layer), tokens=per_layer[0]["tokens"],
+               collapse=any(s["collapse"] for s in per_layer))
+    if layers > 1:
+        out["layers"] = [{key: s[key] for key in ("usage", "perplexity", "dead_codes")} for s in per_layer]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # the autoencoder (same for every row) and quantizer adapters
 # --------------------------------------------------------------------------------------------
@@ -147,6 +216,8 @@ class StudyAE(nn.Module):
 
     A 4x4 patch embedding, two 3x3 convs at token resolution, and the mirror image with a 4x4
     transposed-conv "unpatchify": small enough that the quantizer's cost shows in the wall time.
+    The latent is standardised per channel (BatchNorm without affine parameters; running
+    statistics at evaluation), so every quantizer sees inputs on the same, known scale.
     """
 
     modality = "image"
@@ -156,7 +227,8 @@ class StudyAE(nn.Module):
         w = width
         self.encoder = nn.Sequential(
             nn.Conv2d(3, w, 4, 4), nn.GELU(), nn.Conv2d(w, w, 3, 1, 1), nn.GELU(),
-            nn.Conv2d(w, w, 3, 1, 1), nn.GELU(), nn.Conv2d(w, latent_dim, 1))
+            nn.Conv2d(w, w, 3, 1, 1), nn.GELU(), nn.Conv2d(w, latent_dim, 1),
+            nn.BatchNorm2d(latent_dim, affine=False))
         self.decoder = nn.Sequential(
             nn.Conv2d(latent_dim, w, 3, 1, 1), nn.GELU(), nn.Conv2d(w, w, 3, 1, 1), nn.GELU(),
             nn.Conv2d(w, w, 3, 1, 1), nn.GELU(), nn.ConvTranspose2d(w, 3, 4, 4))
@@ -187,6 +259,10 @@ class PeerAdapter(nn.Module):
 
 
 FSQ_LEVELS = {10: [8, 5, 5, 5], 14: [8, 8, 8, 6, 5], 18: [8, 8, 8, 8, 8, 8]}  # Mentzer et al. table 1 style
+# entropy terms (weight, temperature) of the vqtok rows; the peers' LFQ keeps its own defaults
+FSQ_ENTROPY = dict(entropy_weight=0.3, temperature=0.5)
+LFQ_ENTROPY = dict(entropy_weight=0.3, temperature=0.3)
+BSQ_ENTROPY = dict(entropy_weight=0.1, temperature=0.05)
 
 
 @dataclass
@@ -197,38 +273,45 @@ class Row:
     build: Callable[[StudyConfig], nn.Module] | None
     skip: str | None = None
     init_codes: int = 0  # k-means rows: codes per layer to initialise from one large first batch
+    setup: dict = dataclasses.field(default_factory=dict)  # how the quantizer was built (for the JSON)
 
 
 def _restart_threshold(cfg: StudyConfig, k: int) -> float:
-    """Dead-code threshold (EMA count per step): half of a uniform code's share T / K, at most 2."""
-    return min(2.0, 0.5 * cfg.tokens_per_step / k)
+    """Dead-code threshold (EMA count per step): ``restart_share`` of a uniform code's share T / K,
+    at most 2 tokens per step (small codebooks, e.g. residual layers, restart only rare codes)."""
+    return min(2.0, cfg.restart_share * cfg.tokens_per_step / k)
+
+
+def _vqtok_row(family: str, b: int, name: str, cfg: StudyConfig, init_codes: int = 0, **setup) -> Row:
+    """A vqtok row: build_quantizer(name, dim=latent_dim, **setup); ``setup`` goes into the JSON."""
+    from vqtok.quantizers import build_quantizer
+
+    return Row(family, "vqtok", b, lambda c: build_quantizer(name, dim=c.latent_dim, **setup),
+               init_codes=init_codes, setup={"quantizer": name, **setup})
 
 
 def vqtok_rows(cfg: StudyConfig) -> list[Row]:
-    from vqtok.quantizers import build_quantizer
-
-    d = cfg.latent_dim
+    """Every family at every size; the usage aids each family is built with are in its setup."""
     rows = []
     for b in cfg.sizes:
-        k = 2**b
+        k, kr = 2**b, 2 ** (b // 2)
+        restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k))
         rows += [
-            Row("vq-plain", "vqtok", b, lambda c, k=k: build_quantizer("vq", dim=d, codebook_size=k, learning="grad")),
-            Row("vq-ema-kmeans-restart", "vqtok", b, lambda c, k=k: build_quantizer(
-                "vq", dim=d, codebook_size=k, learning="ema", kmeans_init=True,
-                dead_code_threshold=_restart_threshold(c, k)), init_codes=k),
-            Row("vq-l2norm-dim8", "vqtok", b, lambda c, k=k: build_quantizer(
-                "vq", dim=d, codebook_size=k, codebook_dim=8, metric="cosine", learning="grad")),
-            Row("rvq-2x", "vqtok", b, lambda c, b=b: build_quantizer(
-                "rvq", dim=d, codebook_size=2 ** (b // 2), num_quantizers=2, learning="ema", kmeans_init=True,
-                dead_code_threshold=_restart_threshold(c, 2 ** (b // 2))), init_codes=2 ** (b // 2)),
-            Row("fsq", "vqtok", b, lambda c, b=b: build_quantizer("fsq", levels=FSQ_LEVELS[b], dim=d)),
-            Row("lfq", "vqtok", b, lambda c, b=b: build_quantizer("lfq", dim=d, bits=b)),
-            Row("bsq", "vqtok", b, lambda c, b=b: build_quantizer("bsq", dim=d, bits=b)),
-            Row("simvq", "vqtok", b, lambda c, k=k: build_quantizer("simvq", dim=d, codebook_size=k)),
+            _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad"),
+            _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart),
+            _vqtok_row("vq-l2norm-dim8", b, "vq", cfg, k, codebook_size=k, codebook_dim=8, metric="cosine",
+                       **restart),
+            _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
+                       kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr)),
+            _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=1.0),
+            _vqtok_row("bsq", b, "bsq", cfg, bits=b, **BSQ_ENTROPY),
         ]
-    for b in cfg.big_sizes:
-        rows += [Row("fsq", "vqtok", b, lambda c, b=b: build_quantizer("fsq", levels=FSQ_LEVELS[b], dim=d)),
-                 Row("lfq", "vqtok", b, lambda c, b=b: build_quantizer("lfq", dim=d, bits=b))]
+    for b in (*cfg.sizes, *cfg.big_sizes):
+        rows += [
+            _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b]),
+            _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], **FSQ_ENTROPY),
+            _vqtok_row("lfq", b, "lfq", cfg, bits=b, **LFQ_ENTROPY),
+        ]
     return rows
 
 
@@ -244,15 +327,19 @@ def peer_rows(cfg: StudyConfig) -> list[Row]:
         k = 2**b
         rows.append(Row("vq-ema-kmeans-restart-rot", impl, b, lambda c, k=k: PeerAdapter(vqp.VectorQuantize(
             dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25, kmeans_init=True,
-            threshold_ema_dead_code=_restart_threshold(c, k), rotation_trick=True), k, True), init_codes=k))
+            threshold_ema_dead_code=_restart_threshold(c, k), rotation_trick=True), k, True), init_codes=k,
+            setup={"quantizer": "VectorQuantize", "decay": 0.99, "commitment_weight": 0.25, "kmeans_init": True,
+                   "threshold_ema_dead_code": _restart_threshold(cfg, k), "rotation_trick": True}))
     for b in (*cfg.sizes, *cfg.big_sizes):
         rows.append(Row("fsq", impl, b, lambda c, b=b: PeerAdapter(
-            vqp.FSQ(levels=FSQ_LEVELS[b], dim=d), math.prod(FSQ_LEVELS[b]), False)))
+            vqp.FSQ(levels=FSQ_LEVELS[b], dim=d), math.prod(FSQ_LEVELS[b]), False),
+            setup={"quantizer": "FSQ", "levels": FSQ_LEVELS[b]}))
     for b in (*cfg.sizes, *cfg.big_sizes):
         gib = 3 * tokens * 2**b * 4 / 2**30  # logits, probabilities and their gradient, fp32
         skip = f"needs ~{gib:.1f} GiB for its {tokens}x2^{b} probabilities" if gib > cfg.peer_lfq_max_gib else None
         rows.append(Row("lfq-entropy", impl, b, lambda c, b=b: PeerAdapter(
-            vqp.LFQ(dim=d, codebook_size=2**b, entropy_loss_weight=0.1), 2**b, True), skip=skip))
+            vqp.LFQ(dim=d, codebook_size=2**b, entropy_loss_weight=0.1), 2**b, True), skip=skip,
+            setup={"quantizer": "LFQ", "entropy_loss_weight": 0.1}))
     return rows
 
 
@@ -275,10 +362,15 @@ def _rescale_ema_counts(quantizer: nn.Module, ratio: float) -> None:
 # --------------------------------------------------------------------------------------------
 # one row: train, then evaluate on the held-out crops
 # --------------------------------------------------------------------------------------------
-def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor) -> dict:
+def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
+            held_out_photos: list[torch.Tensor]) -> dict:
+    """Train one row, then evaluate: reconstruction on the ``held_out`` tiles, codebook health on
+    every ``dense_views`` view of ``held_out_photos``. A row whose steps (timed over steps
+    probe_steps+1 .. 2 probe_steps, after k-means init and warm-up) project past ``max_train_s``
+    trains for the steps that fit in ``max_train_s`` (``steps`` in the result says how many)."""
     from vqtok.evaluate import evaluate
 
-    base = {"family": row.family, "impl": row.impl, "log2_codes": row.log2_codes}
+    base = {"family": row.family, "impl": row.impl, "log2_codes": row.log2_codes, "setup": row.setup}
     if row.skip:
         return {**base, "skipped": row.skip}
     torch.manual_seed(cfg.seed)
@@ -295,29 +387,39 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor) ->
         with torch.no_grad():
             model.quantizer(model.encoder(train.batch(n)))
             _rescale_ema_counts(model.quantizer, cfg.tokens_per_step / (n * (cfg.crop // 4) ** 2))
-    for _ in range(cfg.steps):
+    steps = cfg.steps
+    for step in range(cfg.steps):
         x = train.batch(cfg.batch)
         out = model(x)
         loss = F.mse_loss(out.recon, x) + out.quant.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step + 1 == cfg.probe_steps:  # time steps probe_steps+1 .. 2 probe_steps (after warm-up)
+            t_probe = time.perf_counter()
+        if step + 1 == 2 * cfg.probe_steps:  # a row too slow for the cap trains for the cap instead
+            per_step = (time.perf_counter() - t_probe) / cfg.probe_steps
+            steps = max(step + 1, min(cfg.steps, int(cfg.max_train_s / per_step)))
+        if step + 1 == steps:
+            break
     train_s = time.perf_counter() - t0
     m = evaluate(model, torch.utils.data.TensorDataset(held_out), batch_size=64, lpips=False, fid=False,
                  progress=False)
+    t1 = time.perf_counter()
+    layers = int(getattr(quantizer, "num_quantizers", 1) or 1)
+    health = held_out_codebook_health(model, held_out_photos, cfg.eval_tile, layers)
     k = int(quantizer.codebook_size)  # per layer for RVQ, whose usage is the mean over layers
-    return {**base, "codebook_size": k ** (2 if row.family.startswith("rvq") else 1),
-            "usage_ceiling": min(k, int(m["tokens"])) / k,  # the most usage these held-out tokens allow
-            "usage": m["usage"], "perplexity": m["perplexity"], "dead_codes": m["dead_codes"],
-            "collapse": m["collapse"], "psnr": m["psnr"], "ssim": m["ssim"], "tokens": m["tokens"],
-            "train_s": train_s, "eval_s": m["seconds"], "final_loss": float(loss.detach()),
-            "layers": [{k: v for k, v in s.items() if k in ("usage", "perplexity", "dead_codes")}
-                       for s in m.get("layers", [])]}
+    return {**base, "codebook_size": k**layers,
+            "usage_ceiling": min(k, int(health["tokens"])) / k,  # the most usage these held-out tokens allow
+            "usage": health["usage"], "perplexity": health["perplexity"], "dead_codes": health["dead_codes"],
+            "collapse": health["collapse"], "tokens": health["tokens"], "psnr": m["psnr"], "ssim": m["ssim"],
+            "steps": steps, "train_s": train_s, "eval_s": m["seconds"] + time.perf_counter() - t1,
+            "final_loss": float(loss.detach()), "layers": health.get("layers", [])}
 
 
 def format_table(results: list[dict]) -> str:
     head = (f"{'family':27s} {'impl':9s} {'codes':>7s} {'usage':>6s} {'perplex':>8s} {'dead':>7s} "
-            f"{'collapse':>8s} {'PSNR':>6s} {'SSIM':>6s} {'train_s':>7s} {'ceiling':>7s}")
+            f"{'collapse':>8s} {'PSNR':>6s} {'SSIM':>6s} {'steps':>5s} {'train_s':>7s} {'ceiling':>7s}")
     lines = [head, "-" * len(head)]
     for r in results:
         impl = "vqtok" if r["impl"] == "vqtok" else "vqp"
@@ -327,35 +429,41 @@ def format_table(results: list[dict]) -> str:
             continue
         lines.append(f"{r['family']:27s} {impl:9s} {codes:>7s} {r['usage']:6.3f} {r['perplexity']:8.1f} "
                      f"{r['dead_codes']:7d} {'YES' if r['collapse'] else 'no':>8s} {r['psnr']:6.2f} "
-                     f"{r['ssim']:6.3f} {r['train_s']:7.1f} {r['usage_ceiling']:7.3f}")
+                     f"{r['ssim']:6.3f} {r['steps']:5d} {r['train_s']:7.1f} {r['usage_ceiling']:7.3f}")
     return "\n".join(lines)
 
 
-def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: bool = True) -> dict:
-    """Train and evaluate every row; returns {"config", "held_out", "results", "seconds"}."""
+def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: bool = True,
+              on_row: Callable[[dict], None] | None = None) -> dict:
+    """Train and evaluate every row; returns {"config", "held_out", "results", "seconds"}.
+    ``on_row`` gets that dict (results so far) after every row, e.g. to save partial results."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)
-    held_out = tiles(photo_set(EVAL_PHOTOS, cfg.scales), cfg.eval_tile)
+    held_out_photos = photo_set(EVAL_PHOTOS, cfg.scales)
+    held_out = tiles(held_out_photos, cfg.eval_tile)
     rows = vqtok_rows(cfg) + peer_rows(cfg)
     if rows_filter:
         rows = [r for r in rows if any(f in f"{r.family}/{r.impl}/2^{r.log2_codes}" for f in rows_filter)]
-    results = []
+    held = {"photos": EVAL_PHOTOS, "scales": cfg.scales, "tiles": len(held_out),
+            "tokens": len(held_out) * (cfg.eval_tile // 4) ** 2,
+            "usage_tokens": dense_token_count(held_out_photos, cfg.eval_tile)}
+    res = {"config": dataclasses.asdict(cfg), "held_out": held, "results": [], "seconds": 0.0}
     bar = tqdm(rows, desc="quantizer study", disable=not progress)
     for row in bar:
         bar.set_postfix_str(f"{row.family} {row.impl} 2^{row.log2_codes}")
-        results.append(run_row(row, cfg, train, held_out))
+        res["results"].append(run_row(row, cfg, train, held_out, held_out_photos))
+        res["seconds"] = time.perf_counter() - t0
         if progress:  # each row as it finishes (the full table is printed at the end)
-            bar.write(format_table(results[-1:]).splitlines()[-1])
-    return {"config": dataclasses.asdict(cfg), "held_out": {"photos": EVAL_PHOTOS, "scales": cfg.scales, "tiles": len(held_out),
-                                                       "tokens": len(held_out) * (cfg.eval_tile // 4) ** 2},
-            "results": results, "seconds": time.perf_counter() - t0}
-
+            bar.write(format_table(res["results"][-1:]).splitlines()[-1])
+        if on_row is not None:
+            on_row(res)
+    return res
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2^10 only, 10 steps (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2^10 only, 10 steps")
     ap.add_argument("--steps", type=int, default=None, help="override the optimiser steps per row")
     ap.add_argument("--rows", default="", help="comma-separated substrings of 'family/impl/2^b' to run")
     ap.add_argument("--json", default=None, help="write the results as JSON to this path ('-': stdout)")
@@ -369,17 +477,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run_study(cfg, [s for s in args.rows.split(",") if s], progress=not args.no_progress)
+    def save(res: dict) -> None:  # rewritten after every row, so an interrupted run keeps its rows
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+    on_row = save if args.json and args.json != "-" else None
+    res = run_study(cfg, [s for s in args.rows.split(",") if s], progress=not args.no_progress, on_row=on_row)
     print(format_table(res["results"]))
-    print(f"held-out: {res['held_out']['tiles']} tiles ({res['held_out']['tokens']} tokens) of "
-          f"{', '.join(EVAL_PHOTOS)} at scales {cfg.scales}; {cfg.steps} steps x {cfg.batch} crops "
+    print(f"held-out: {', '.join(EVAL_PHOTOS)} at scales {cfg.scales}: PSNR/SSIM on {res['held_out']['tiles']} "
+          f"tiles ({res['held_out']['tokens']} tokens), codebook health on {res['held_out']['usage_tokens']} tokens "
+          f"(every 4 px phase, mirrored); {cfg.steps} steps x {cfg.batch} crops "
           f"({cfg.tokens_per_step} tokens) per row; total {res['seconds']:.0f} s\n"
           f"ceiling = min(K, held-out tokens) / K: the highest usage the held-out set can show")
     if args.json == "-":
         print(json.dumps(res, indent=2))
-    elif args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    elif on_row is not None:
+        save(res)
     return 0
 
 

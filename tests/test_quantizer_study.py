@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,9 +27,16 @@ def qs():
 def test_rows_cover_every_family_and_size(qs):
     rows = qs.vqtok_rows(qs.FULL)
     seen = {(r.family, r.log2_codes) for r in rows}
-    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim8", "rvq-2x", "fsq", "lfq", "bsq", "simvq"):
+    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim8", "rvq-2x", "fsq", "fsq-entropy", "lfq",
+                "bsq", "simvq"):
         assert {(fam, 10), (fam, 14)} <= seen, fam
-    assert {("fsq", 18), ("lfq", 18)} <= seen
+    assert {("fsq", 18), ("fsq-entropy", 18), ("lfq", 18)} <= seen
+    for r in rows:  # every row records how it was built, and builds a module with that codebook size
+        assert r.setup["quantizer"] in ("vq", "rvq", "fsq", "lfq", "bsq", "simvq")
+        if r.log2_codes == 10:
+            q = r.build(qs.FULL)
+            assert abs(math.log2(q.codebook_size ** (2 if r.family == "rvq-2x" else 1)) - 10) < 0.3
+    assert [r for r in rows if r.family == "fsq-entropy"][0].setup["entropy_weight"] > 0
     for b, levels in qs.FSQ_LEVELS.items():  # ~2^b codes
         assert abs(torch.tensor(float(torch.tensor(levels).prod())).log2() - b) < 0.3
     peers = qs.peer_rows(qs.FULL)
@@ -53,12 +61,41 @@ def test_held_out_photos_are_disjoint_and_tiles_in_range(qs):
         qs.photo_tensor("retina", 1.5)
 
 
-def test_full_study_has_more_held_out_tokens_than_codes(qs):
-    """>= 99 % usage at 2^14 needs well over 2^14 held-out tokens (2^18 rows report their ceiling)."""
+def test_full_study_has_many_held_out_tokens_per_code(qs):
+    """Usage near 1 at 2^18 codes needs many held-out tokens per code: the dense views give > 16."""
     cfg = qs.FULL
-    held_out = qs.tiles(qs.photo_set(qs.EVAL_PHOTOS, cfg.scales), cfg.eval_tile)
-    tokens = held_out.shape[0] * (cfg.eval_tile // 4) ** 2
-    assert tokens >= 8 * 2 ** max(cfg.sizes)
+    photos = qs.photo_set(qs.EVAL_PHOTOS, cfg.scales)
+    assert qs.dense_token_count(photos, cfg.eval_tile) >= 16 * 2 ** max(cfg.big_sizes)
+
+
+def test_dense_views_cover_every_phase_and_the_mirror(qs):
+    photo = torch.arange(3 * 70 * 75, dtype=torch.float32).reshape(3, 70, 75)
+    views = list(qs.dense_views([photo], 64))
+    assert len(views) == 2 * 16 and all(v.shape == (1, 3, 64, 64) for v in views)
+    assert sum(v.shape[0] for v in views) * 16 ** 2 == qs.dense_token_count([photo], 64)
+    assert torch.equal(views[1][0], photo[:, 0:64, 1:65]) and torch.equal(views[4][0], photo[:, 1:65, 0:64])
+    assert torch.equal(views[16][0], photo.flip(-1)[:, 0:64, 0:64])
+    assert len({v.sum().item() for v in views}) == 32  # all different pixels
+    small = photo[:, :66, :]  # phases whose view is smaller than a tile are left out
+    assert sum(v.shape[0] for v in qs.dense_views([small], 64)) * 256 == qs.dense_token_count([small], 64)
+
+
+def test_held_out_health_counts_every_layer(qs):
+    from vqtok.quantizers import build_quantizer
+
+    torch.manual_seed(0)
+    photos = [torch.rand(3, 40, 44) * 2 - 1]
+    model = qs.StudyAE(build_quantizer("rvq", dim=4, codebook_size=8, num_quantizers=2), 4, 8)
+    h = qs.held_out_codebook_health(model, photos, 32, layers=2)
+    assert model.training  # restored
+    model.eval()
+    with torch.no_grad():
+        idx = torch.cat([model.quantizer(model.encoder(v)).indices.reshape(-1, 2)
+                         for v in qs.dense_views(photos, 32)])
+    assert h["tokens"] == idx.shape[0] == qs.dense_token_count(photos, 32)
+    for layer, s in enumerate(h["layers"]):
+        assert s["usage"] == pytest.approx(len(idx[:, layer].unique()) / 8)
+    assert h["usage"] == pytest.approx(sum(s["usage"] for s in h["layers"]) / 2)
 
 
 def test_kmeans_counts_rescaled_to_step_scale(qs):
@@ -79,13 +116,23 @@ def test_tiny_study_run_prints_table_and_json(qs, tmp_path, capsys):
     assert qs.main(["--quick", "--steps", "4", "--rows", "vq-plain/vqtok,fsq/vqtok", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["config"]["steps"] == 4
-    assert data["held_out"]["tokens"] == data["results"][0]["tokens"] > 1024
+    assert data["held_out"]["usage_tokens"] == data["results"][0]["tokens"] == 32 * data["held_out"]["tokens"]
     rows = {r["family"]: r for r in data["results"]}
     assert set(rows) == {"vq-plain", "fsq"}
     for r in rows.values():
         assert 0 < r["usage"] <= 1 and 1 <= r["perplexity"] <= r["codebook_size"]
         assert r["codebook_size"] * (1 - r["usage"]) - 1e-6 <= r["dead_codes"] <= r["codebook_size"]  # unused => dead
         assert r["psnr"] > 5 and -1 < r["ssim"] < 1 and r["train_s"] > 0 and r["usage_ceiling"] == 1.0
+        assert r["steps"] == 4 and r["setup"]["quantizer"] in ("vq", "fsq")
     assert rows["vq-plain"]["collapse"]  # randomly initialised gradient VQ uses a handful of codes
     table = capsys.readouterr().out
     assert "vq-plain" in table and "YES" in table and "fsq" in table
+
+
+def test_slow_row_trains_for_the_time_cap(qs):
+    cfg = dataclasses.replace(qs.QUICK, steps=50, probe_steps=2, max_train_s=1e-6)  # cut after 2 x 2 steps
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "fsq"][0]
+    r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
+    assert r["steps"] == 4 and r["tokens"] == qs.dense_token_count(held, cfg.eval_tile)
