@@ -76,6 +76,7 @@ class StudyConfig:
     peer_lfq_max_gib: float = 2.0
     probe_steps: int = 10      # steps timed (after as many warm-up steps) against max_train_s
     max_train_s: float = 90.0   # a row projected to train longer gets the steps that fit in this time
+    held_in_usage: bool = False  # also measure usage on the dense views of the training photos
     seed: int = 0
 
     @property
@@ -408,8 +409,13 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     t1 = time.perf_counter()
     layers = int(getattr(quantizer, "num_quantizers", 1) or 1)
     health = held_out_codebook_health(model, held_out_photos, cfg.eval_tile, layers)
+    extra = {}
+    if cfg.held_in_usage:  # the same measurement on the training photos: separates shift from dead codes
+        held_in = held_out_codebook_health(model, train.photos, cfg.eval_tile, layers)
+        extra = {"held_in_usage": held_in["usage"], "held_in_perplexity": held_in["perplexity"],
+                 "held_in_tokens": held_in["tokens"]}
     k = int(quantizer.codebook_size)  # per layer for RVQ, whose usage is the mean over layers
-    return {**base, "codebook_size": k**layers,
+    return {**base, **extra, "codebook_size": k**layers,
             "usage_ceiling": min(k, int(health["tokens"])) / k,  # the most usage these held-out tokens allow
             "usage": health["usage"], "perplexity": health["perplexity"], "dead_codes": health["dead_codes"],
             "collapse": health["collapse"], "tokens": health["tokens"], "psnr": m["psnr"], "ssim": m["ssim"],
@@ -420,6 +426,8 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
 def format_table(results: list[dict]) -> str:
     head = (f"{'family':27s} {'impl':9s} {'codes':>7s} {'usage':>6s} {'perplex':>8s} {'dead':>7s} "
             f"{'collapse':>8s} {'PSNR':>6s} {'SSIM':>6s} {'steps':>5s} {'train_s':>7s} {'ceiling':>7s}")
+    if any("held_in_usage" in r for r in results):
+        head += f" {'held-in':>7s}"
     lines = [head, "-" * len(head)]
     for r in results:
         impl = "vqtok" if r["impl"] == "vqtok" else "vqp"
@@ -427,9 +435,10 @@ def format_table(results: list[dict]) -> str:
         if "skipped" in r:
             lines.append(f"{r['family']:27s} {impl:9s} {codes:>7s}  skipped: {r['skipped']}")
             continue
+        held_in = f" {r['held_in_usage']:7.3f}" if "held_in_usage" in r else ""
         lines.append(f"{r['family']:27s} {impl:9s} {codes:>7s} {r['usage']:6.3f} {r['perplexity']:8.1f} "
                      f"{r['dead_codes']:7d} {'YES' if r['collapse'] else 'no':>8s} {r['psnr']:6.2f} "
-                     f"{r['ssim']:6.3f} {r['steps']:5d} {r['train_s']:7.1f} {r['usage_ceiling']:7.3f}")
+                     f"{r['ssim']:6.3f} {r['steps']:5d} {r['train_s']:7.1f} {r['usage_ceiling']:7.3f}{held_in}")
     return "\n".join(lines)
 
 
@@ -469,12 +478,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results as JSON to this path ('-': stdout)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (it goes to stderr)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--held-in-usage", action="store_true",
+                    help="also report usage on the dense views of the training photos (column held-in)")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.steps is not None:
         if args.steps < 1:
             ap.error(f"--steps must be >= 1, got {args.steps}")
         cfg = dataclasses.replace(cfg, steps=args.steps)
+    if args.held_in_usage:
+        cfg = dataclasses.replace(cfg, held_in_usage=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     def save(res: dict) -> None:  # rewritten after every row, so an interrupted run keeps its rows

@@ -136,3 +136,12 @@ def test_slow_row_trains_for_the_time_cap(qs):
     row = [r for r in qs.vqtok_rows(cfg) if r.family == "fsq"][0]
     r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
     assert r["steps"] == 4 and r["tokens"] == qs.dense_token_count(held, cfg.eval_tile)
+
+
+def test_held_in_usage_column(qs, tmp_path, capsys):
+    out = tmp_path / "study.json"
+    assert qs.main(["--quick", "--steps", "3", "--rows", "fsq/vqtok", "--held-in-usage", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["results"][0]
+    photos = qs.photo_set(qs.TRAIN_PHOTOS, qs.QUICK.scales)
+    assert 0 < r["held_in_usage"] <= 1 and r["held_in_tokens"] == qs.dense_token_count(photos, qs.QUICK.eval_tile)
+    assert "held-in" in capsys.readouterr().out
