@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vqtok.ops import _checks, fsq_entropy, fsq_indices_to_codes, fsq_quantize
+from vqtok.ops.lfq_entropy import MAX_TORCH_BITS
 
 from . import _common as C
 from .base import Quantizer, QuantizerOutput
@@ -62,10 +63,9 @@ class FSQ(Quantizer):
                 raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if entropy_weight > 0 and self.codebook_size > 2**26:
-            raise ValueError(
-                f"entropy_weight > 0 needs codebook_size <= 2^26, got {self.codebook_size} (levels {self.levels})"
-            )
+        if entropy_weight > 0 and self.codebook_size > 2**MAX_TORCH_BITS:  # fsq_entropy holds pbar (K floats)
+            raise ValueError(f"entropy_weight > 0 needs codebook_size <= 2^{MAX_TORCH_BITS}, "
+                             f"got {self.codebook_size} (levels {self.levels})")
         self.entropy_weight, self.per_sample_weight = float(entropy_weight), float(per_sample_weight)
         self.codebook_weight, self.temperature = float(codebook_weight), float(temperature)
         self.backend = backend
