@@ -104,6 +104,23 @@ def test_fsq_gradient_straight_through(backend, device):
     torch.testing.assert_close(z.grad.cpu().double(), zz.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_backward_fills_no_zero_index_gradient(backend, device):
+    """The integer indices never get a gradient; autograd must not build an [M] zero tensor for
+    it on every step (ctx.set_materialize_grads(False) in the ops' autograd setup)."""
+    from torch.profiler import profile
+
+    z = torch.randn(4096, 4, device=device, requires_grad=True)
+    for quantize in (lambda t: fsq_quantize(t, [8, 5, 5, 5], backend=backend), lambda t: lfq_quantize(t, backend=backend)):
+        codes, _ = quantize(z)
+        g = torch.randn_like(codes)
+        with profile(record_shapes=True) as prof:
+            (grad,) = torch.autograd.grad(codes, z, g)
+        assert grad.shape == z.shape
+        fills = [(e.name, e.input_shapes) for e in prof.events()
+                 if e.name in ("aten::zeros", "aten::zero_", "aten::fill_") and [4096] in e.input_shapes]
+        assert not fills, fills
+
+
 def test_fsq_bf16_indices_exact(backend, device):
     levels = [8, 8, 8, 5, 5, 5]  # 64000 codes: bf16 cannot hold these indices
     z = torch.randn(2000, 6)

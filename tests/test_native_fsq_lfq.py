@@ -103,6 +103,69 @@ def test_fsq_forward_bits(isa, levels, m):
         assert torch.equal(codes, rc) and torch.equal(idx, ri)
 
 
+def _float_key(x):
+    """fp32 -> int64 keys in the floats' order (-0 and +0 share 0)."""
+    b = x.view(torch.int32).to(torch.int64)
+    return torch.where(b < 0, -(b & 0x7FFFFFFF), b)
+
+
+def _key_float(k):
+    b = torch.where(k < 0, (-k) | (1 << 31), k)
+    return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)
+
+
+def _code_steps(levels):
+    """Per column, the exact fp32 z where the oracle's code goes q -> q + 1 (smallest z with code
+    >= q + 1), found by bisecting the ordered floats with _fsq_forward_cr."""
+    steps = []
+    for j, lv in enumerate(levels):
+        def code_j(z):
+            zz = torch.zeros(z.numel(), len(levels))
+            zz[:, j] = z
+            return _fsq_forward_cr(zz, levels)[0][:, j]
+
+        hw = lv // 2
+        target = (torch.arange(1, lv, dtype=torch.float32) - hw) / hw  # codes just above each step
+        lo = torch.full((lv - 1,), int(_float_key(torch.tensor([-3e38]))), dtype=torch.int64)
+        hi = torch.full((lv - 1,), int(_float_key(torch.tensor([3e38]))), dtype=torch.int64)
+        while bool((hi - lo > 1).any()):
+            mid = lo + (hi - lo) // 2
+            up = code_j(_key_float(mid)) >= target
+            hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+        steps.append(_key_float(hi))
+    return steps
+
+
+def _near_code_steps(levels, ulps=12):
+    """fp32 z at every code step of every column (_code_steps) and the `ulps` floats on each side."""
+    cols = []
+    for z0 in _code_steps(levels):
+        around, up, down = [z0], z0, z0
+        for _ in range(ulps):
+            up, down = torch.nextafter(up, torch.tensor(math.inf)), torch.nextafter(down, torch.tensor(-math.inf))
+            around += [up, down]
+        cols.append(torch.cat(around))
+    n = max(c.numel() for c in cols)
+    return torch.stack([c.repeat(n // c.numel() + 1)[:n] for c in cols], 1)
+
+
+@pytest.mark.parametrize("levels", [[8, 5, 5, 5], [2, 3], [32, 31, 2], [16, 4, 7], [6] * 5, [33, 8]])
+def test_fsq_forward_at_code_steps(isa, levels):
+    """The forward decides codes by per-column thresholds (kernels/cpu/fsq_lfq.cpp) wherever a
+    column has at most 31 code steps ([33, 8] runs the direct tanh path): every float next to a
+    step gets the oracle's code, in fp32 and after the fp16/bf16 loads."""
+    z = _near_code_steps(levels)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        zd = z.to(dtype)
+        codes, idx = _native._fsq_forward_cpp(zd, levels)
+        oc, oi = _fsq_forward_cr(zd, levels)
+        assert torch.equal(codes, oc) and torch.equal(idx, oi), dtype
+    # the sweep does cross every step: each column shows all of its codes
+    codes, _ = _native._fsq_forward_cpp(z, levels)
+    for j, lv in enumerate(levels):
+        assert codes[:, j].unique().numel() == lv
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fsq_half_inputs(isa, dtype):
     levels = [8, 8, 8, 5, 5, 5]

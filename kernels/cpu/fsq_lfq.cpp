@@ -2,6 +2,8 @@
 // The scalar instantiation lives here (compiled without ISA flags, so it runs on any x86-64).
 #pragma GCC optimize("fp-contract=off")
 #include <algorithm>
+#include <cfloat>
+#include <mutex>
 #include <type_traits>
 
 #include <omp.h>
@@ -12,10 +14,101 @@
 namespace vqtok {
 namespace fsq_lfq_detail {
 
-int64_t fsq_forward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1) { return fsq_forward_rows<ScalarOps>(a, r0, r1); }
+int64_t fsq_forward_rows_scalar(const FsqArgs& a, const FsqThresholds& th, int64_t r0, int64_t r1) {
+  return fsq_forward_rows<ScalarOps>(a, th, r0, r1);
+}
 void fsq_backward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1) { fsq_backward_rows<ScalarOps>(a, r0, r1); }
 int64_t lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1) { return lfq_forward_rows<ScalarOps>(a, r0, r1); }
 void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out) { tanh_range<ScalarOps>(x, i0, i1, out); }
+
+namespace {
+
+// fp32 values as ordered integers: a < b  <=>  key(a) < key(b) for non-NaN floats (-0 and +0 share 0).
+inline int64_t float_key(float f) {
+  const uint32_t b = float_to_bits(f);
+  return (b & 0x80000000u) ? -int64_t(b & 0x7fffffffu) : int64_t(b);
+}
+inline float key_float(int64_t k) { return bits_to_float(k >= 0 ? uint32_t(k) : uint32_t(-k) | 0x80000000u); }
+
+// Column j's code step of the direct forward, q(z) = rint(tanh(z + shift) * half_l - offset),
+// with the same fp32 operations (and the same tanh bits) as fsq_forward_block.
+inline float fsq_step(const FsqArgs& a, int j, float z) {
+  const float t = tanh_f<ScalarOps>(z + a.shift[j]);
+  return std::nearbyint(t * a.half_l[j] - a.offset[j]);
+}
+
+// Smallest finite float z with q_j(z) >= v, given q_j(-FLT_MAX) < v <= q_j(FLT_MAX): gallop out
+// from the double-precision estimate z0 = atanh((v - 1/2 + offset) / half_l) - shift (usually an
+// ulp or two off) to a bracket, then bisect on the ordered keys. q_j is non-decreasing, so the
+// bisection finds the exact step.
+float fsq_threshold(const FsqArgs& a, int j, float v) {
+  const int64_t kmin = float_key(-FLT_MAX), kmax = float_key(FLT_MAX);
+  auto reaches = [&](int64_t k) { return fsq_step(a, j, key_float(k)) >= v; };
+  const double ratio = (double(v) - 0.5 + double(a.offset[j])) / double(a.half_l[j]);
+  const double z0 = std::atanh(std::clamp(ratio, -1.0 + 1e-15, 1.0 - 1e-15)) - double(a.shift[j]);
+  int64_t lo, hi;  // invariant at the end: !reaches(lo), reaches(hi)
+  int64_t g = std::clamp(float_key(float(std::clamp(z0, -double(FLT_MAX), double(FLT_MAX)))), kmin + 1, kmax);
+  if (reaches(g)) {
+    hi = g;
+    for (int64_t step = 1;; step *= 2) {
+      lo = std::max(kmin, hi - step);
+      if (lo == kmin || !reaches(lo)) break;
+      hi = lo;
+    }
+  } else {
+    lo = g;
+    for (int64_t step = 1;; step *= 2) {
+      hi = std::min(kmax, lo + step);
+      if (hi == kmax || reaches(hi)) break;
+      lo = hi;
+    }
+  }
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (reaches(mid) ? hi : lo) = mid;
+  }
+  return key_float(hi);
+}
+
+FsqThresholds compute_thresholds(const FsqArgs& a) {
+  FsqThresholds th;
+  std::vector<float> qmax(a.d);
+  th.qmin.resize(a.d);
+  int n = 0;
+  for (int j = 0; j < a.d; ++j) {
+    th.qmin[j] = fsq_step(a, j, -FLT_MAX);
+    qmax[j] = fsq_step(a, j, FLT_MAX);
+    n = std::max(n, int(std::min(double(qmax[j] - th.qmin[j]), 1e9)));
+  }
+  if (n > kFsqMaxThresholds) return FsqThresholds{};
+  th.n = n;
+  th.thr.assign(size_t(a.d) * n, bits_to_float(0x7fc00000u));  // quiet NaN: never reached
+  for (int j = 0; j < a.d; ++j)
+    for (int v = 0; v < int(qmax[j] - th.qmin[j]); ++v) th.thr[size_t(j) * n + v] = fsq_threshold(a, j, th.qmin[j] + v + 1);
+  return th;
+}
+
+}  // namespace
+
+// One cached entry (training calls the same levels every step): the thresholds depend only on the
+// per-column constants.
+FsqThresholds fsq_thresholds(const FsqArgs& a) {
+  static std::mutex mu;
+  static std::vector<float> key;
+  static FsqThresholds cached;
+  std::vector<float> k;
+  k.reserve(size_t(3) * a.d);
+  for (int j = 0; j < a.d; ++j) k.insert(k.end(), {a.half_l[j], a.offset[j], a.shift[j]});
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (k.size() == key.size() && std::memcmp(k.data(), key.data(), k.size() * sizeof(float)) == 0) return cached;
+  }
+  FsqThresholds th = compute_thresholds(a);
+  std::lock_guard<std::mutex> lock(mu);
+  key = std::move(k);
+  cached = th;
+  return th;
+}
 
 namespace {
 
@@ -53,10 +146,11 @@ using namespace fsq_lfq_detail;
 
 int64_t fsq_forward(const FsqArgs& a) {
   const Isa isa = active_isa();
+  const FsqThresholds th = a.m > 0 ? fsq_thresholds(a) : FsqThresholds{};
   return parallel_rows(a.m, a.d, [&](int64_t r0, int64_t r1) {
-    if (isa == Isa::Avx512) return fsq_forward_rows_avx512(a, r0, r1);
-    if (isa == Isa::Avx2) return fsq_forward_rows_avx2(a, r0, r1);
-    return fsq_forward_rows_scalar(a, r0, r1);
+    if (isa == Isa::Avx512) return fsq_forward_rows_avx512(a, th, r0, r1);
+    if (isa == Isa::Avx2) return fsq_forward_rows_avx2(a, th, r0, r1);
+    return fsq_forward_rows_scalar(a, th, r0, r1);
   });
 }
 

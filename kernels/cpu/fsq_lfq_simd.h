@@ -29,17 +29,32 @@
 namespace vqtok {
 namespace fsq_lfq_detail {
 
+// FSQ forward by thresholds. Per column the code q(z) = rint(tanh(z + shift) * half_l - offset)
+// is a non-decreasing function of the fp32 input z (each step, fp32 rounding included, is
+// monotone), so q(z) = q_min + #{v : z >= thr_v}, thr_v the smallest float with q >= v. The
+// thresholds are found once per call by searching the float line with this file's own scalar q
+// (fsq_thresholds, fsq_lfq.cpp), so the vector forward needs n compares per value instead of a
+// double-precision tanh and gives the same bits. n = 0 (more than kFsqMaxThresholds code steps in
+// some column): the forward evaluates tanh directly.
+constexpr int kFsqMaxThresholds = 31;
+struct FsqThresholds {
+  int n = 0;                // thresholds per column; columns with fewer are NaN-padded (z >= NaN is false)
+  std::vector<float> qmin;  // [d] q(-FLT_MAX): the lowest code step
+  std::vector<float> thr;   // [d][n]
+};
+FsqThresholds fsq_thresholds(const FsqArgs& a);
+
 // Per-ISA entry points (defined in fsq_lfq_avx2.cpp / fsq_lfq_avx512.cpp); same contract as the
 // public functions in vqtok/fsq_lfq.h, rows [r0, r1) only, single-threaded.
-int64_t fsq_forward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
+int64_t fsq_forward_rows_avx512(const FsqArgs& a, const FsqThresholds& th, int64_t r0, int64_t r1);
 void fsq_backward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
 int64_t lfq_forward_rows_avx512(const LfqArgs& a, int64_t r0, int64_t r1);
 double fma_peak_avx512(double seconds);
-int64_t fsq_forward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
+int64_t fsq_forward_rows_avx2(const FsqArgs& a, const FsqThresholds& th, int64_t r0, int64_t r1);
 void fsq_backward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
 int64_t lfq_forward_rows_avx2(const LfqArgs& a, int64_t r0, int64_t r1);
 double fma_peak_avx2(double seconds);
-int64_t fsq_forward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
+int64_t fsq_forward_rows_scalar(const FsqArgs& a, const FsqThresholds& th, int64_t r0, int64_t r1);
 void fsq_backward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
 int64_t lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1);
 void tanh_range_avx512(const float* x, int64_t i0, int64_t i1, float* out);
@@ -103,6 +118,7 @@ struct ScalarOps {
   static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }
   static F abs(F a) { return std::fabs(a); }
   static F rint(F a) { return std::nearbyint(a); }  // half to even in the default rounding mode
+  static F add_ge(F q, F z, F thr) { return z >= thr ? q + 1.0f : q; }  // q + (z >= thr), false for NaN
   static F mulsign(F x, F y) { return bits_to_float(float_to_bits(x) ^ (float_to_bits(y) & 0x80000000u)); }
   // number of lanes holding NaN or +-Inf (exponent bits all ones)
   static int nonfinite(F x) { return (float_to_bits(x) & 0x7f800000u) == 0x7f800000u; }
@@ -155,6 +171,9 @@ struct Avx2Ops {
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static F rint(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F add_ge(F q, F z, F thr) {
+    return _mm256_add_ps(q, _mm256_and_ps(_mm256_cmp_ps(z, thr, _CMP_GE_OQ), _mm256_set1_ps(1.0f)));
+  }
   static F mulsign(F x, F y) { return _mm256_xor_ps(x, _mm256_and_ps(y, _mm256_set1_ps(-0.0f))); }
   static int nonfinite(F x) {
     const __m256i e = _mm256_set1_epi32(0x7f800000);
@@ -238,6 +257,9 @@ struct Avx512Ops {
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F abs(F a) { return _mm512_abs_ps(a); }
   static F rint(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F add_ge(F q, F z, F thr) {
+    return _mm512_mask_add_ps(q, _mm512_cmp_ps_mask(z, thr, _CMP_GE_OQ), q, _mm512_set1_ps(1.0f));
+  }
   static F mulsign(F x, F y) {
     return _mm512_castsi512_ps(_mm512_xor_si512(
         _mm512_castps_si512(x), _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)))));
@@ -294,9 +316,15 @@ struct Avx512Ops {
 //   expm1(2|x|) = 2^k expm1(r) + (2^k - 1), expm1(r) = r + r^2 (1/2! + r/3! + ... + r^11/13!)
 //   (truncation error < 2^-56). Past |x| = 10 the result rounds to 1 in fp32; clamping 2|x| at
 //   20 keeps 2^k in range.
+//   The quotient without a double division (whose throughput bounds the whole kernel): y0 =
+//   1/(m + 2) in fp32 (one division for all W lanes, relative error < 2^-23), one Newton step
+//   y1 = y0 + y0 (1 - (m + 2) y0) (error ~2^-46), then q0 = m y1 and the residual correction
+//   q = q0 + y1 (m - (m + 2) q0), accurate to about an ulp of double like the division it replaces.
+//   Every ISA runs the same operations (an fp32 division is correctly rounded everywhere), so
+//   all levels give the same bits.
 // ---------------------------------------------------------------------------------------------
 template <class O>
-inline typename O::D tanh_abs_d(typename O::D ax) {
+inline typename O::D expm1_2abs_d(typename O::D ax) {  // expm1(2|x|), 2|x| clamped at 20
   using D = typename O::D;
   const D t2 = O::dmin(O::dadd(ax, ax), O::dset1(20.0));
   const D k = O::drint(O::dmul(t2, O::dset1(1.44269504088896338700e+00)));
@@ -309,15 +337,27 @@ inline typename O::D tanh_abs_d(typename O::D ax) {
   for (int i = 1; i < 12; ++i) p = O::dfmadd(p, r, O::dset1(kInvFact[i]));
   const D em = O::dfmadd(O::dmul(r, r), p, r);  // expm1(r)
   const D s = O::dpow2(k);
-  const D m = O::dfmadd(s, em, O::dsub(s, O::dset1(1.0)));
-  return O::ddiv(m, O::dadd(m, O::dset1(2.0)));
+  return O::dfmadd(s, em, O::dsub(s, O::dset1(1.0)));
+}
+
+template <class O>
+inline typename O::D quotient_d(typename O::D m, typename O::D den, typename O::D y0) {  // m / den
+  using D = typename O::D;
+  const D y1 = O::dfmadd(y0, O::dfnmadd(den, y0, O::dset1(1.0)), y0);
+  const D q0 = O::dmul(m, y1);
+  return O::dfmadd(O::dfnmadd(den, q0, m), y1, q0);
 }
 
 template <class O>
 inline typename O::F tanh_f(typename O::F x) {
-  typename O::D lo, hi;
+  using D = typename O::D;
+  D lo, hi;
   O::split(O::abs(x), lo, hi);
-  return O::mulsign(O::join(tanh_abs_d<O>(lo), tanh_abs_d<O>(hi)), x);
+  const D mlo = expm1_2abs_d<O>(lo), mhi = expm1_2abs_d<O>(hi);
+  const D dlo = O::dadd(mlo, O::dset1(2.0)), dhi = O::dadd(mhi, O::dset1(2.0));
+  D ylo, yhi;
+  O::split(O::div(O::set1(1.0f), O::join(dlo, dhi)), ylo, yhi);
+  return O::mulsign(O::join(quotient_d<O>(mlo, dlo, ylo), quotient_d<O>(mhi, dhi, yhi)), x);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -328,18 +368,33 @@ inline typename O::F tanh_f(typename O::F x) {
 struct FsqPatterns {
   // [5][d][W]: half_l, offset, shift, half_width, grad_scale; plus int32 basis [d]
   std::vector<float> p;
+  // threshold forward: [d][W] q_min and [n][d][W] thresholds (empty when th.n == 0)
+  std::vector<float> qmin, thr;
   std::vector<int32_t> basis32;
-  int d = 0, w = 0;
-  FsqPatterns(const FsqArgs& a, int w_) : d(a.d), w(w_) {
+  int d = 0, w = 0, n = 0;
+  FsqPatterns(const FsqArgs& a, int w_, const FsqThresholds* th = nullptr) : d(a.d), w(w_) {
     p.resize(size_t(5) * d * w);
     const float* src[5] = {a.half_l, a.offset, a.shift, a.half_width, a.grad_scale};
     for (int c = 0; c < 5; ++c)
       for (int k = 0; k < d; ++k)
         for (int i = 0; i < w; ++i) p[(size_t(c) * d + k) * w + i] = src[c] ? src[c][(k * w + i) % d] : 0.0f;
+    if (th != nullptr && th->n > 0) {
+      n = th->n;
+      qmin.resize(size_t(d) * w);
+      thr.resize(size_t(n) * d * w);
+      for (int k = 0; k < d; ++k)
+        for (int i = 0; i < w; ++i) {
+          const int col = (k * w + i) % d;
+          qmin[size_t(k) * w + i] = th->qmin[col];
+          for (int v = 0; v < n; ++v) thr[(size_t(v) * d + k) * w + i] = th->thr[size_t(col) * n + v];
+        }
+    }
     basis32.resize(d);
     for (int j = 0; j < d; ++j) basis32[j] = int32_t(uint32_t(uint64_t(a.basis[j])));
   }
   const float* at(int c, int k) const { return p.data() + (size_t(c) * d + k) * w; }
+  const float* qmin_at(int k) const { return qmin.data() + size_t(k) * w; }
+  const float* thr_at(int v, int k) const { return thr.data() + (size_t(v) * d + k) * w; }
 };
 
 // Returns the number of non-finite values of z in the block (their codes are meaningless).
@@ -353,9 +408,15 @@ inline int fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t ro
   for (int k = 0; k < d; ++k) {
     const F z = O::load(a.z, base + int64_t(k) * W, a.dtype);
     bad += O::nonfinite(z);
-    const F t = tanh_f<O>(O::add(z, O::loadf(pt.at(2, k))));
+    F q;
+    if (pt.n > 0) {
+      q = O::loadf(pt.qmin_at(k));
+      for (int v = 0; v < pt.n; ++v) q = O::add_ge(q, z, O::loadf(pt.thr_at(v, k)));
+    } else {
+      const F t = tanh_f<O>(O::add(z, O::loadf(pt.at(2, k))));
+      q = O::rint(O::sub(O::mul(t, O::loadf(pt.at(0, k))), O::loadf(pt.at(1, k))));
+    }
     const F hw = O::loadf(pt.at(3, k));
-    const F q = O::rint(O::sub(O::mul(t, O::loadf(pt.at(0, k))), O::loadf(pt.at(1, k))));
     O::store(a.codes + base + int64_t(k) * W, O::div(q, hw));
     O::store(dig + k * W, O::add(q, hw));
   }
@@ -374,9 +435,9 @@ inline int fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t ro
 
 // Rows [r0, r1); returns how many values of z there are NaN or +-Inf.
 template <class O>
-int64_t fsq_forward_rows(const FsqArgs& a, int64_t r0, int64_t r1) {
+int64_t fsq_forward_rows(const FsqArgs& a, const FsqThresholds& th, int64_t r0, int64_t r1) {
   constexpr int W = O::W;
-  const FsqPatterns pv(a, W), ps(a, 1);
+  const FsqPatterns pv(a, W, &th), ps(a, 1, &th);
   std::vector<float> dig(size_t(W) * a.d);
   int64_t r = r0, bad = 0;
   for (; r + W <= r1; r += W) bad += fsq_forward_block<O>(a, pv, r, dig.data());

@@ -8,6 +8,9 @@
 //   t = tanh(z + shift_j); bound = t * half_l_j - offset_j; q = rint(bound)  (half to even)
 //   code = q / half_width_j; digit = (int64)(q + half_width_j); index = sum_j digit_j * basis_j
 //   grad_z = grad_code * (1 - t * t) * grad_scale_j, grad_scale_j = half_l_j / half_width_j (float)
+// The forward decides q by per-column thresholds on z when every column has at most 31 code steps
+// (q is non-decreasing in z; the thresholds are found with the formula above, so the bits are the
+// same), and evaluates the formula directly otherwise.
 // LFQ (Yu et al. 2023): code_b = z_b > 0 ? +1 : -1; bit b of the index is z_b > 0 (LSB first).
 //
 // All kernels run on OpenMP threads with the SIMD level of vqtok::active_isa() (VQTOK_ISA may

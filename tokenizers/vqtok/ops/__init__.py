@@ -129,14 +129,23 @@ def _(grad_codes, z, levels, backend):
     return z.new_empty(z.shape, dtype=torch.float32)
 
 
+def _no_zero_grads(ctx) -> None:
+    """Undefined output gradients reach the backward as None instead of materialised zeros (the
+    integer indices never have one: autograd would otherwise fill an [M] zero tensor per call)."""
+    ctx.set_materialize_grads(False)
+
+
 def _fsq_setup(ctx, inputs, output):
     z, levels, backend = inputs
     ctx.save_for_backward(z)
     ctx.levels, ctx.backend = levels, backend
+    _no_zero_grads(ctx)
 
 
 def _fsq_grad(ctx, grad_codes, grad_idx):
     (z,) = ctx.saved_tensors
+    if grad_codes is None:
+        return None, None, None
     g = _fsq_backward(grad_codes.contiguous(), z, ctx.levels, ctx.backend)
     return g.to(z.dtype), None, None
 
@@ -195,11 +204,15 @@ def _(z, backend):
     return z.new_empty(z.shape, dtype=torch.float32), z.new_empty(z.shape[0], dtype=_ref.lfq_index_dtype(z.shape[1]))
 
 
+def _lfq_setup(ctx, inputs, output):
+    _no_zero_grads(ctx)
+
+
 def _lfq_grad(ctx, grad_codes, grad_idx):
-    return grad_codes, None  # straight-through: the identity
+    return grad_codes, None  # straight-through: the identity (None when codes got no gradient)
 
 
-torch.library.register_autograd("vqtok::lfq_forward", _lfq_grad)
+torch.library.register_autograd("vqtok::lfq_forward", _lfq_grad, setup_context=_lfq_setup)
 
 
 def lfq_quantize(z: torch.Tensor, *, backend: str | Backend = "auto"):
