@@ -7,6 +7,7 @@
 // (plus a few subnormal quanta), where t_k is the exact |c_k|^2 - 2 x.c_k. If the best and
 // second-best computed scores differ by more than 2E the best is the unique exact winner; other
 // rows are re-decided by a direct-form scan sum((x - c)^2) in double (ties -> lowest index).
+#include <emmintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -97,35 +98,77 @@ CodebookStats codebook_norms(const void* cb, DType t, int64_t k, int64_t d, floa
   return {n2max, amax, std::sqrt(n2max)};
 }
 
-// Lowest index minimising sum((x - c)^2) in double. x64: d doubles.
-template <DType T>
-int64_t scan_direct(const double* x64, const void* cb, int64_t k, int64_t d, double* dist) {
+// Row i of a dtype array as fp32: a pointer into the array itself for float32, else converted into tmp.
+inline const float* row_f32(const void* p, DType t, int64_t i, int64_t d, float* tmp) {
+  if (t == DType::F32) return static_cast<const float*>(p) + i * d;
+  to_float(p, t, i * d, d, tmp);
+  return tmp;
+}
+
+// sum_j (x_j - c_j)^2 in double: eight partial sums (four SSE2 pairs: independent chains, so the
+// loop runs at the adds' throughput, not their latency) combined pairwise. Differences and squares
+// of fp32 values in double, rounded once each (no FMA, so every x86-64 CPU gives the same bits).
+inline __m128d cvt_lo(__m128 v) { return _mm_cvtps_pd(v); }
+inline __m128d cvt_hi(__m128 v) { return _mm_cvtps_pd(_mm_movehl_ps(v, v)); }
+inline double hsum8(__m128d a0, __m128d a1, __m128d a2, __m128d a3) {
+  const __m128d s = _mm_add_pd(_mm_add_pd(a0, a2), _mm_add_pd(a1, a3));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+inline double sq_dist(const float* __restrict x, const float* __restrict c, int64_t d) {
+  __m128d a0 = _mm_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const __m128 x0 = _mm_loadu_ps(x + j), x1 = _mm_loadu_ps(x + j + 4);
+    const __m128 c0 = _mm_loadu_ps(c + j), c1 = _mm_loadu_ps(c + j + 4);
+    const __m128d e0 = _mm_sub_pd(cvt_lo(x0), cvt_lo(c0)), e1 = _mm_sub_pd(cvt_hi(x0), cvt_hi(c0));
+    const __m128d e2 = _mm_sub_pd(cvt_lo(x1), cvt_lo(c1)), e3 = _mm_sub_pd(cvt_hi(x1), cvt_hi(c1));
+    a0 = _mm_add_pd(a0, _mm_mul_pd(e0, e0)), a1 = _mm_add_pd(a1, _mm_mul_pd(e1, e1));
+    a2 = _mm_add_pd(a2, _mm_mul_pd(e2, e2)), a3 = _mm_add_pd(a3, _mm_mul_pd(e3, e3));
+  }
+  double s = hsum8(a0, a1, a2, a3);
+  for (; j < d; ++j) {
+    const double e = static_cast<double>(x[j]) - static_cast<double>(c[j]);
+    s += e * e;
+  }
+  return s;
+}
+
+// |x|_1 and |x|_2^2 in double (partial sums as sq_dist).
+inline void l1_l2(const float* __restrict x, int64_t d, double* l1, double* l2) {
+  const __m128d sign = _mm_set1_pd(-0.0);
+  __m128d p0 = _mm_setzero_pd(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const __m128 x0 = _mm_loadu_ps(x + j), x1 = _mm_loadu_ps(x + j + 4);
+    const __m128d v0 = cvt_lo(x0), v1 = cvt_hi(x0), v2 = cvt_lo(x1), v3 = cvt_hi(x1);
+    p0 = _mm_add_pd(p0, _mm_andnot_pd(sign, v0)), p1 = _mm_add_pd(p1, _mm_andnot_pd(sign, v1));
+    p2 = _mm_add_pd(p2, _mm_andnot_pd(sign, v2)), p3 = _mm_add_pd(p3, _mm_andnot_pd(sign, v3));
+    q0 = _mm_add_pd(q0, _mm_mul_pd(v0, v0)), q1 = _mm_add_pd(q1, _mm_mul_pd(v1, v1));
+    q2 = _mm_add_pd(q2, _mm_mul_pd(v2, v2)), q3 = _mm_add_pd(q3, _mm_mul_pd(v3, v3));
+  }
+  double s1 = hsum8(p0, p1, p2, p3), s2 = hsum8(q0, q1, q2, q3);
+  for (; j < d; ++j) {
+    const double v = static_cast<double>(x[j]);
+    s1 += std::fabs(v), s2 += v * v;
+  }
+  *l1 = s1, *l2 = s2;
+}
+
+// Lowest index minimising sum((x - c)^2) in double. xr: d floats; tmp: d floats of scratch.
+int64_t scan_direct(const float* xr, const void* cb, DType t, int64_t k, int64_t d, float* tmp, double* dist) {
   int64_t best = 0;
   double bd = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < k; ++i) {
-    double s = 0;
-    for (int64_t j = 0; j < d; ++j) {
-      double c;
-      if constexpr (T == DType::F32) c = static_cast<const float*>(cb)[i * d + j];
-      else if constexpr (T == DType::F16) c = half_to_float(static_cast<const uint16_t*>(cb)[i * d + j]);
-      else c = bf16_to_float(static_cast<const uint16_t*>(cb)[i * d + j]);
-      const double e = x64[j] - c;
-      s += e * e;
-    }
+    const double s = sq_dist(xr, row_f32(cb, t, i, d, tmp), d);
     if (s < bd) bd = s, best = i;
   }
   *dist = bd;
   return best;
 }
 
-double direct_dist(const double* x64, const void* cb, DType t, int64_t i, int64_t d, float* tmp) {
-  to_float(cb, t, i * d, d, tmp);
-  double s = 0;
-  for (int64_t j = 0; j < d; ++j) {
-    const double e = x64[j] - static_cast<double>(tmp[j]);
-    s += e * e;
-  }
-  return s;
+double direct_dist(const float* xr, const void* cb, DType t, int64_t i, int64_t d, float* tmp) {
+  return sq_dist(xr, row_f32(cb, t, i, d, tmp), d);
 }
 
 // Everything one search needs; the panel buffers are shared by the threads.
@@ -228,8 +271,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
 #pragma omp parallel if (parallel) reduction(+ : exact_rows)
   {
     std::vector<float> xbuf(static_cast<size_t>(std::max(mb, fb) * d));
-    std::vector<float> crow(static_cast<size_t>(d));
-    std::vector<double> x64(static_cast<size_t>(d));
+    std::vector<float> crow(static_cast<size_t>(d)), xrow(static_cast<size_t>(d));
 
     // 1. fp32 scores, best / second per row.
     for (int64_t c0 = 0; c0 < k; c0 += S.kp) {
@@ -248,12 +290,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     // 2. Certificate: a gap above 2E proves the winner; the others are re-decided.
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
-      to_float(x, dtype, r * d, d, crow.data());
-      double l1 = 0, l2 = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        l1 += std::fabs(static_cast<double>(crow[j]));
-        l2 += static_cast<double>(crow[j]) * crow[j];
-      }
+      double l1, l2;
+      l1_l2(row_f32(x, dtype, r, d, xrow.data()), d, &l1, &l2);
       const double dots = std::min(l1 * cs.abs_max, std::sqrt(l2) * cs.norm_max);
       bound[r] = gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
       if (huge || l2 >= 1e36) bound[r] = std::numeric_limits<double>::infinity();
@@ -273,12 +311,9 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     for (int64_t i = 0; i < nredo; ++i) {
       const int64_t r = redo[i];
       if (!std::isinf(bound[r])) continue;
-      to_float(x, dtype, r * d, d, crow.data());
-      for (int64_t j = 0; j < d; ++j) x64[j] = crow[j];
       double dist;
-      if (dtype == DType::F32) gidx[r] = static_cast<int32_t>(scan_direct<DType::F32>(x64.data(), codebook, k, d, &dist));
-      else if (dtype == DType::F16) gidx[r] = static_cast<int32_t>(scan_direct<DType::F16>(x64.data(), codebook, k, d, &dist));
-      else gidx[r] = static_cast<int32_t>(scan_direct<DType::BF16>(x64.data(), codebook, k, d, &dist));
+      gidx[r] = static_cast<int32_t>(
+          scan_direct(row_f32(x, dtype, r, d, xrow.data()), codebook, dtype, k, d, crow.data(), &dist));
       redo_dist[i] = dist;
     }
 
@@ -302,11 +337,10 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
             if (std::isinf(bound[r])) continue;
             const double thr = static_cast<double>(gbest[r]) + 2.0 * bound[r];
             const float* xr = xbuf.data() + i * d;
-            for (int64_t j = 0; j < d; ++j) x64[j] = xr[j];
             const float* sr = scores.data() + i * S.kp;
             for (int64_t c = 0; c < ncodes; ++c) {
               if (static_cast<double>(sr[c]) > thr) continue;
-              const double dd = direct_dist(x64.data(), codebook, dtype, c0 + c, d, crow.data());
+              const double dd = direct_dist(xr, codebook, dtype, c0 + c, d, crow.data());
               if (dd < redo_dist[i0 + i]) redo_dist[i0 + i] = dd, gidx[r] = static_cast<int32_t>(c0 + c);
             }
           }
@@ -318,9 +352,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n; ++r) {
       out_idx[r] = gidx[r];
-      to_float(x, dtype, r * d, d, crow.data());
-      for (int64_t j = 0; j < d; ++j) x64[j] = crow[j];
-      out_dist[r] = static_cast<float>(direct_dist(x64.data(), codebook, dtype, gidx[r], d, crow.data()));
+      out_dist[r] = static_cast<float>(
+          direct_dist(row_f32(x, dtype, r, d, xrow.data()), codebook, dtype, gidx[r], d, crow.data()));
     }
 #pragma omp single
     exact_rows = nredo;
@@ -417,7 +450,6 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
 #pragma omp parallel if (parallel)
     {
       std::vector<float> xr(static_cast<size_t>(d)), crow(static_cast<size_t>(d));
-      std::vector<double> x64(static_cast<size_t>(d));
       // 1. bf16 rows, per-row bands, empty candidate lists.
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rpad; ++r) {
@@ -485,15 +517,14 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; ++r) {
         if (count[r] > CAP) continue;
-        to_float(x, dtype, (s0 + r) * d, d, xr.data());
-        for (int64_t j = 0; j < d; ++j) x64[j] = xr[j];
+        const float* xrow = row_f32(x, dtype, s0 + r, d, xr.data());
         int64_t bi = -1;
         double bdist = std::numeric_limits<double>::infinity();
         const int32_t* cr = codes + r * CAP;
         const float* sr = scores + r * CAP;
         for (int32_t i = 0; i < count[r]; ++i) {
           if (!(sr[i] <= thr[r])) continue;
-          const double dd = direct_dist(x64.data(), codebook, dtype, cr[i], d, crow.data());
+          const double dd = direct_dist(xrow, codebook, dtype, cr[i], d, crow.data());
           if (dd < bdist || (dd == bdist && cr[i] < bi)) bdist = dd, bi = cr[i];
         }
         out_idx[s0 + r] = bi;

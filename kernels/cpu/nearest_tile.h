@@ -8,13 +8,19 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "nearest_kernels.h"
 
 namespace vqtok::nearest_detail {
 namespace {
 
-template <class O, int MR, int NRV, bool kScores, int DC = 0>
+// kGroupIds: every score vector updates the lane state itself (its group's own index), so the
+// lanes know the winning group and every sibling's score; otherwise only the minimum over the NRV
+// groups enters (1 op per extra group instead of 4) and run_block recovers the group afterwards.
+// kPackedX: xq holds the tile's rows packed feature-major, xq[j * MR + r] (one contiguous
+// broadcast source per feature instead of MR row streams); otherwise row-major, xq[r * d + j].
+template <class O, int MR, int NRV, bool kScores, int DC = 0, bool kGroupIds = false, bool kPackedX = false>
 __attribute__((always_inline)) inline void tile_body(const float* __restrict xq, int64_t d_rt, const float* __restrict cp,
                        const float* __restrict cn, int32_t base, float* __restrict best,
                        float* __restrict second, int32_t* __restrict idx,
@@ -22,6 +28,7 @@ __attribute__((always_inline)) inline void tile_body(const float* __restrict xq,
   using V = typename O::V;
   constexpr int W = O::W, CW = NRV * W;
   const int64_t d = DC > 0 ? DC : d_rt;  // DC: feature count known at compile time (0: not)
+  auto xat = [&](int r, int64_t j) { return kPackedX ? xq[j * MR + r] : xq[r * d + j]; };
   V acc[MR][NRV];
   {  // feature 0 peeled: the accumulators start as norm + x0 * c0 (no register copies)
     V cv[NRV];
@@ -31,7 +38,7 @@ __attribute__((always_inline)) inline void tile_body(const float* __restrict xq,
     for (int v = 0; v < NRV; ++v) {
       const V nv = O::load(cn + v * W);
 #pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) acc[r][v] = O::fmadd(O::set1(xq[r * d]), cv[v], nv);
+      for (int r = 0; r < MR; ++r) acc[r][v] = O::fmadd(O::set1(xat(r, 0)), cv[v], nv);
     }
   }
   for (int64_t j = 1; j < d; ++j) {
@@ -40,7 +47,7 @@ __attribute__((always_inline)) inline void tile_body(const float* __restrict xq,
     for (int v = 0; v < NRV; ++v) cv[v] = O::load(cp + j * CW + v * W);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const V xb = O::set1(xq[r * d + j]);
+      const V xb = O::set1(xat(r, j));
 #pragma GCC unroll 8
       for (int v = 0; v < NRV; ++v) acc[r][v] = O::fmadd(xb, cv[v], acc[r][v]);
     }
@@ -57,13 +64,18 @@ __attribute__((always_inline)) inline void tile_body(const float* __restrict xq,
       V b = O::load(best + r * W);
       V s2 = O::load(second + r * W);
       typename O::I id = O::loadi(idx + r * W);
-      // Only the row's minimum over the NRV groups enters the lane state (1 op per extra
-      // group instead of a 4-op update); reduce() later recovers which group held it and the
-      // score of its siblings, which are the only values this leaves out of the second best.
-      V mn = acc[r][0];
+      if constexpr (kGroupIds) {
 #pragma GCC unroll 8
-      for (int v = 1; v < NRV; ++v) mn = O::min(mn, acc[r][v]);
-      O::update(b, s2, id, mn, vbase);
+        for (int v = 0; v < NRV; ++v) O::update(b, s2, id, acc[r][v], O::set1i(base + v * W));
+      } else {
+        // Only the row's minimum over the NRV groups enters the lane state; run_block later
+        // recovers which group held it and the score of its siblings, which are the only
+        // values this leaves out of the second best.
+        V mn = acc[r][0];
+#pragma GCC unroll 8
+        for (int v = 1; v < NRV; ++v) mn = O::min(mn, acc[r][v]);
+        O::update(b, s2, id, mn, vbase);
+      }
       O::store(best + r * W, b);
       O::store(second + r * W, s2);
       O::storei(idx + r * W, id);
@@ -72,11 +84,11 @@ __attribute__((always_inline)) inline void tile_body(const float* __restrict xq,
 }
 
 // One micro-tile (kept out of line: inlined into the block loops, GCC spills the code vectors).
-template <class O, int MR, int NRV, bool kScores>
+template <class O, int MR, int NRV, bool kScores, bool kGroupIds = false, bool kPackedX = false>
 __attribute__((noinline)) void micro_tile(const float* xq, int64_t d, const float* cp, const float* cn,
                                           int32_t base, float* best, float* second, int32_t* idx,
                                           float* scores, int64_t ld) {
-  tile_body<O, MR, NRV, kScores>(xq, d, cp, cn, base, best, second, idx, scores, ld);
+  tile_body<O, MR, NRV, kScores, 0, kGroupIds, kPackedX>(xq, d, cp, cn, base, best, second, idx, scores, ld);
 }
 
 // Small d: one row tile sweeps all chunks of the panel in one call (DC = d when it is a
@@ -96,8 +108,9 @@ __attribute__((noinline)) void micro_sweep(const float* xq, int64_t d, const flo
 // into the rows' running best / second / index (panels arrive in ascending code order, so an
 // equal best keeps the earlier, lower index). Small d: each row tile (L1-resident) sweeps the
 // panel's chunks as one sequential stream from L2. Large d: each chunk (NRV*W codes x d) stays
-// in L1 while the block's row tiles stream past it.
-template <class O, int MR, int NRV>
+// in L1 while the block's row tiles stream past it (with per-group lane updates when kGroupIds:
+// their cost is small next to d FMAs, and the winner needs no recomputation).
+template <class O, int MR, int NRV, bool kGroupIds = false>
 void run_block(const BlockArgs& a) {
   constexpr int W = O::W, CW = NRV * W;
   const int64_t d = a.d;
@@ -111,8 +124,17 @@ void run_block(const BlockArgs& a) {
   alignas(64) float lb[kMaxBlockTiles * MR * W], ls[kMaxBlockTiles * MR * W];
   alignas(64) int32_t li[kMaxBlockTiles * MR * W];
   for (int64_t i = 0; i < a.rows * W; ++i) lb[i] = ls[i] = __builtin_inff(), li[i] = 0;
+  // Large d: the block's rows packed tile by tile, feature-major (xp[(r0 + j) * MR + r] holds
+  // row r0 + r, feature j), so each feature's MR broadcasts read one contiguous run.
+  thread_local std::vector<float> xp;
+  if (d > 16) {
+    xp.resize(static_cast<size_t>(a.rows * d));
+    for (int64_t r0 = 0; r0 < a.rows; r0 += MR)
+      for (int r = 0; r < MR; ++r)
+        for (int64_t j = 0; j < d; ++j) xp[(r0 * d) + j * MR + r] = a.xq[(r0 + r) * d + j];
+  }
   auto tile = [&](int64_t r0, int64_t q) {
-    micro_tile<O, MR, NRV, false>(a.xq + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW,
+    micro_tile<O, MR, NRV, false, kGroupIds, true>(xp.data() + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW,
                                   a.code_base + static_cast<int32_t>(q * CW), lb + r0 * W,
                                   ls + r0 * W, li + r0 * W, nullptr, 0);
   };
@@ -137,7 +159,7 @@ void run_block(const BlockArgs& a) {
       if (best < gs) gs = best;
       continue;
     }
-    if constexpr (NRV > 1) {
+    if constexpr (NRV > 1 && !kGroupIds) {
       // code = chunk start + lane; the winner is the lowest group v whose score equals best,
       // and its siblings' scores join the second best. They are recomputed with the kernel's
       // exact FMA sequence (bitwise identical), only when the panel improves the row's best.
