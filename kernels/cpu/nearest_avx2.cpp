@@ -36,7 +36,7 @@ constexpr int kMr = 6, kNrv = 2;
 }  // namespace
 
 const BlockKernel& avx2_kernel(int64_t /*d*/) {
-  static const BlockKernel k{Ops256::W, kMr, kNrv, true, "avx2", &run_block<Ops256, kMr, kNrv>};
+  static const BlockKernel k{Ops256::W, kMr, kNrv, true, "avx2", &run_block<Ops256, kMr, kNrv>, &pack_rows<kMr>};
   return k;
 }
 

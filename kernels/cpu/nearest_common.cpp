@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "nearest_fast.h"
+#include "vqtok/host_buffer.h"
 #include "nearest_kernels.h"
 #include "vqtok/cpu_features.h"
 #include "vqtok/nearest.h"
@@ -264,6 +265,27 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   std::vector<double> redo_dist;    // their best direct-form distance so far
   int64_t exact_rows = 0;
 
+  // Half the largest gap a row's computed scores can show without proving its winner (see the
+  // file comment); infinite past the bound's range.
+  auto row_bound = [&](const float* xr) {
+    double l1, l2;
+    l1_l2(xr, d, &l1, &l2);
+    if (huge || l2 >= 1e36) return std::numeric_limits<double>::infinity();
+    const double dots = std::min(l1 * cs.abs_max, std::sqrt(l2) * cs.norm_max);
+    return gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
+  };
+
+  // Past d = 16 the tiles read rows packed feature-major (pack_rows). Past d = 128 (where the
+  // packing is a larger share of a panel's work) and with several panels, they are packed once into xpk, a super-block of
+  // sb rows (whole blocks, ~8 MiB), which then meets every panel; the panels are packed again per
+  // super-block. Smaller d packs each block per panel into a thread's own buffer, which stays in
+  // L1 (measured faster there than reading back a packed super-block).
+  const bool packed_rows = d > 16, reuse_rows = d > 128 && k > S.kp;  // reuse needs a second panel
+  const int64_t sb = reuse_rows ? std::max<int64_t>(1, (int64_t{2} << 20) / (mb * d)) * mb : round_up(n, mb);
+  // A recycled HostBuffer: a fresh 8 MiB vector would cost a zero fill and ~2k page faults per call.
+  HostBuffer xpk_buf(reuse_rows ? static_cast<size_t>(std::min(sb, round_up(n, mb)) * d) * sizeof(float) : 1);
+  float* const xpk_data = static_cast<float*>(xpk_buf.data());
+
   // Small searches (< ~1 ms of FMA work) run on one thread: the region's barriers would cost
   // more than they save, especially when another process holds one of the cores.
   const bool parallel = 2.0 * static_cast<double>(n) * k * d > 2e8 && nblocks > 1;
@@ -272,29 +294,35 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   {
     std::vector<float> xbuf(static_cast<size_t>(std::max(mb, fb) * d));
     std::vector<float> crow(static_cast<size_t>(d)), xrow(static_cast<size_t>(d));
+    std::vector<float> xloc(packed_rows && !reuse_rows ? static_cast<size_t>(mb * d) : 0);
 
-    // 1. fp32 scores, best / second per row.
-    for (int64_t c0 = 0; c0 < k; c0 += S.kp) {
-      S.pack(c0, crow.data());
-      const int64_t nch = S.chunks_in(c0);
+    // 1. fp32 scores, best / second per row; packed rows as described above, each block's
+    // certificate bound taken while its rows are in cache.
+    for (int64_t s0 = 0; s0 < n; s0 += sb) {
+      const int64_t b0 = s0 / mb, b1 = std::min(nblocks, (s0 + sb) / mb);
+      for (int64_t c0 = 0; c0 < k; c0 += S.kp) {
+        S.pack(c0, crow.data());
+        const int64_t nch = S.chunks_in(c0);
 #pragma omp for schedule(static)
-      for (int64_t blk = 0; blk < nblocks; ++blk) {
-        const int64_t r0 = blk * mb, rows = std::min(mb, n - r0), rpad = round_up(rows, mr);
-        BlockArgs a{S.load_rows(r0, nullptr, rows, rpad, xbuf.data()), rpad, rows, d,
-                    S.panel.data(), S.pnorm.data(), nch, static_cast<int32_t>(c0),
-                    gbest.data() + r0, gsec.data() + r0, gidx.data() + r0, nullptr, 0};
-        S.kern.run(a);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t r0 = blk * mb, rows = std::min(mb, n - r0), rpad = round_up(rows, mr);
+          const float* xq = S.load_rows(r0, nullptr, rows, rpad, xbuf.data());
+          float* xp = !packed_rows ? nullptr : reuse_rows ? xpk_data + (r0 - s0) * d : xloc.data();
+          if (packed_rows && (c0 == 0 || !reuse_rows)) S.kern.pack_rows(xq, rpad, d, xp);
+          if (packed_rows && c0 == 0)
+            for (int64_t r = 0; r < rows; ++r) bound[r0 + r] = row_bound(xq + r * d);
+          BlockArgs a{xq, rpad, rows, d, S.panel.data(), S.pnorm.data(), nch, static_cast<int32_t>(c0),
+                      gbest.data() + r0, gsec.data() + r0, gidx.data() + r0, nullptr, 0, xp};
+          S.kern.run(a);
+        }
       }
     }
 
-    // 2. Certificate: a gap above 2E proves the winner; the others are re-decided.
+    // 2. Certificate: a gap above 2E proves the winner; the others are re-decided. (Rows that
+    // were packed got their bound while they were in cache.)
+    if (!packed_rows) {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < n; ++r) {
-      double l1, l2;
-      l1_l2(row_f32(x, dtype, r, d, xrow.data()), d, &l1, &l2);
-      const double dots = std::min(l1 * cs.abs_max, std::sqrt(l2) * cs.norm_max);
-      bound[r] = gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
-      if (huge || l2 >= 1e36) bound[r] = std::numeric_limits<double>::infinity();
+      for (int64_t r = 0; r < n; ++r) bound[r] = row_bound(row_f32(x, dtype, r, d, xrow.data()));
     }
 #pragma omp single
     {

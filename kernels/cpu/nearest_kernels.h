@@ -33,6 +33,9 @@ struct BlockArgs {
   // to scores[r*ld + code - code_base] and leaves gbest / gsec / gidx alone.
   float* scores;
   int64_t ld;
+  // d > 16, scores mode off: the same rows packed by pack_rows (tile t of MR rows at xp + t*MR*d,
+  // feature-major: xp[t*MR*d + j*MR + r] = row t*MR + r, feature j).
+  const float* xp = nullptr;
 };
 
 constexpr int kMaxBlockTiles = 16;
@@ -44,6 +47,9 @@ struct BlockKernel {
   bool fma;   // scores are single-rounding FMA chains (tightens the error bound)
   const char* name;
   void (*run)(const BlockArgs&);
+  // Packs rows [0, rows) of xq (row-major, rows a multiple of mr) feature-major per mr-row tile,
+  // the layout BlockArgs::xp holds.
+  void (*pack_rows)(const float* xq, int64_t rows, int64_t d, float* xp);
 };
 
 // The kernel for feature dim d (a level may pick its micro-tile shape by d).

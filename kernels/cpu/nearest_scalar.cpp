@@ -77,7 +77,7 @@ constexpr int kMr = 4, kNrv = 1;
 }  // namespace
 
 const BlockKernel& scalar_kernel(int64_t /*d*/) {
-  static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>};
+  static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>, &pack_rows<kMr>};
   return k;
 }
 

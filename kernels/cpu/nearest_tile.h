@@ -8,7 +8,6 @@
 #pragma once
 
 #include <cstdint>
-#include <vector>
 
 #include "nearest_kernels.h"
 
@@ -124,17 +123,10 @@ void run_block(const BlockArgs& a) {
   alignas(64) float lb[kMaxBlockTiles * MR * W], ls[kMaxBlockTiles * MR * W];
   alignas(64) int32_t li[kMaxBlockTiles * MR * W];
   for (int64_t i = 0; i < a.rows * W; ++i) lb[i] = ls[i] = __builtin_inff(), li[i] = 0;
-  // Large d: the block's rows packed tile by tile, feature-major (xp[(r0 + j) * MR + r] holds
-  // row r0 + r, feature j), so each feature's MR broadcasts read one contiguous run.
-  thread_local std::vector<float> xp;
-  if (d > 16) {
-    xp.resize(static_cast<size_t>(a.rows * d));
-    for (int64_t r0 = 0; r0 < a.rows; r0 += MR)
-      for (int r = 0; r < MR; ++r)
-        for (int64_t j = 0; j < d; ++j) xp[(r0 * d) + j * MR + r] = a.xq[(r0 + r) * d + j];
-  }
+  // Large d: the tiles read the block's rows packed feature-major (a.xp, see BlockArgs).
+  const float* xp = a.xp;
   auto tile = [&](int64_t r0, int64_t q) {
-    micro_tile<O, MR, NRV, false, kGroupIds, true>(xp.data() + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW,
+    micro_tile<O, MR, NRV, false, kGroupIds, true>(xp + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW,
                                   a.code_base + static_cast<int32_t>(q * CW), lb + r0 * W,
                                   ls + r0 * W, li + r0 * W, nullptr, 0);
   };
@@ -181,6 +173,18 @@ void run_block(const BlockArgs& a) {
     gs = sec < gb ? sec : gb;
     gb = best;
     a.gidx[r] = code;
+  }
+}
+
+// BlockKernel::pack_rows for MR-row tiles (compiled with each ISA's flags).
+template <int MR>
+void pack_rows(const float* xq, int64_t rows, int64_t d, float* xp) {
+  for (int64_t t = 0; t < rows; t += MR) {
+    float* dst = xp + t * d;
+    const float* src = xq + t * d;
+    for (int64_t j = 0; j < d; ++j)
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) dst[j * MR + r] = src[r * d + j];
   }
 }
 
