@@ -86,6 +86,24 @@ def test_multi_panel_ties_across_panel_edge(isa, precision):
     assert (idx == 4095).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_rows_over_super_blocks_and_panels(isa, dtype):
+    # d=2048: 24-row blocks, 128-code panels, and (past d=128 with several panels) rows packed
+    # once per super-block of 1008 rows; 1100 rows x 300 codes cross both kinds of edge. Rows on
+    # duplicated codes at the panel edges (127, 128, 255, 256) must take the lowest index, in
+    # either super-block.
+    k, d = 300, 2048
+    c = torch.randn(k, d)
+    for p in (128, 255, 256):
+        c[p] = c[127]
+    x = torch.randn(1100, d)
+    near = [0, 23, 24, 1007, 1008, 1099]  # first/last rows of blocks and of both super-blocks
+    x[near] = c[127] + 1e-3 * torch.randn(len(near), d)
+    x, c = x.to(dtype), c.to(dtype)
+    idx = _check(x, c, isa)
+    assert (idx[near] == 127).all()
+
+
 def test_near_ties_are_redecided(isa, precision):
     # integer grids tie exactly in fp32 scores: every such row must go through the re-decision
     # (more rows than one re-decision block, so several blocks run)

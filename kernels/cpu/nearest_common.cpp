@@ -14,12 +14,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "nearest_fast.h"
-#include "vqtok/host_buffer.h"
 #include "nearest_kernels.h"
 #include "vqtok/cpu_features.h"
+#include "vqtok/host_buffer.h"
 #include "vqtok/nearest.h"
 
 namespace vqtok {
@@ -276,15 +277,17 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   };
 
   // Past d = 16 the tiles read rows packed feature-major (pack_rows). Past d = 128 (where the
-  // packing is a larger share of a panel's work) and with several panels, they are packed once into xpk, a super-block of
-  // sb rows (whole blocks, ~8 MiB), which then meets every panel; the panels are packed again per
-  // super-block. Smaller d packs each block per panel into a thread's own buffer, which stays in
-  // L1 (measured faster there than reading back a packed super-block).
-  const bool packed_rows = d > 16, reuse_rows = d > 128 && k > S.kp;  // reuse needs a second panel
+  // packing is a larger share of a panel's work), with more than one panel, they are packed once
+  // into xpk, a super-block of sb rows (whole blocks, ~8 MiB) that then meets every panel; the
+  // panels are packed again per super-block. Otherwise each block is packed per panel into its
+  // thread's own buffer, which stays in L1 (measured faster there than reading a super-block back).
+  const bool packed_rows = d > 16, reuse_rows = d > 128 && k > S.kp;
   const int64_t sb = reuse_rows ? std::max<int64_t>(1, (int64_t{2} << 20) / (mb * d)) * mb : round_up(n, mb);
   // A recycled HostBuffer: a fresh 8 MiB vector would cost a zero fill and ~2k page faults per call.
-  HostBuffer xpk_buf(reuse_rows ? static_cast<size_t>(std::min(sb, round_up(n, mb)) * d) * sizeof(float) : 1);
-  float* const xpk_data = static_cast<float*>(xpk_buf.data());
+  std::unique_ptr<HostBuffer> xpk_buf;
+  if (reuse_rows)
+    xpk_buf = std::make_unique<HostBuffer>(static_cast<size_t>(std::min(sb, round_up(n, mb)) * d) * sizeof(float));
+  float* const xpk_data = reuse_rows ? static_cast<float*>(xpk_buf->data()) : nullptr;
 
   // Small searches (< ~1 ms of FMA work) run on one thread: the region's barriers would cost
   // more than they save, especially when another process holds one of the cores.
