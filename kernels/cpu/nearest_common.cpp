@@ -74,6 +74,17 @@ const BlockKernel& pick_kernel(int64_t d) {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// Grows v to hold `count` elements from a 64-byte boundary and returns that boundary: a zmm load
+// (or an AMX tile row) that straddles two cache lines costs two L1 accesses, and malloc's blocks
+// start 16 bytes past a line.
+template <class T>
+T* grow_aligned64(std::vector<T>& v, int64_t count) {
+  const size_t need = static_cast<size_t>(count) + 64 / sizeof(T);
+  if (v.size() < need) v.resize(need);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(v.data());
+  return reinterpret_cast<T*>((p + 63) & ~uintptr_t{63});
+}
+
 struct CodebookStats {
   double norm2_max = 0, abs_max = 0, norm_max = 0;
 };
@@ -182,7 +193,9 @@ struct Search {
   int64_t n, k, d;
   int64_t cw;  // codes per chunk (width * nrv)
   int64_t kp;  // codes per panel (a multiple of cw)
-  std::vector<float> cnorm, panel, pnorm;
+  std::vector<float> cnorm, panel_v, pnorm_v;
+  float* panel = nullptr;  // 64-byte aligned views of panel_v / pnorm_v
+  float* pnorm = nullptr;
 
   Search(const BlockKernel& kr, const void* x_, const void* cb_, DType t, int64_t n_, int64_t k_,
          int64_t d_)
@@ -191,8 +204,8 @@ struct Search {
     kp = std::max<int64_t>(cw, (int64_t{1} << 20) / (4 * d) / cw * cw);
     kp = std::min(kp, round_up(k, cw));
     cnorm.resize(static_cast<size_t>(k));
-    panel.resize(static_cast<size_t>(kp * d));
-    pnorm.resize(static_cast<size_t>(kp));
+    panel = grow_aligned64(panel_v, kp * d);
+    pnorm = grow_aligned64(pnorm_v, kp);
   }
 
   int64_t chunks_in(int64_t c0) const { return (std::min(kp, k - c0) + cw - 1) / cw; }
@@ -204,7 +217,7 @@ struct Search {
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t q = g / kern.nrv, lane0 = (g % kern.nrv) * w;
-      float* dst = panel.data() + q * d * cw + lane0;
+      float* dst = panel + q * d * cw + lane0;
       for (int64_t l = 0; l < w; ++l) {
         const int64_t code = c0 + g * w + l;
         if (code < k) {
@@ -314,7 +327,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
           if (packed_rows && (c0 == 0 || !reuse_rows)) S.kern.pack_rows(xq, rpad, d, xp);
           if (packed_rows && c0 == 0)
             for (int64_t r = 0; r < rows; ++r) bound[r0 + r] = row_bound(xq + r * d);
-          BlockArgs a{xq, rpad, rows, d, S.panel.data(), S.pnorm.data(), nch, static_cast<int32_t>(c0),
+          BlockArgs a{xq, rpad, rows, d, S.panel, S.pnorm, nch, static_cast<int32_t>(c0),
                       gbest.data() + r0, gsec.data() + r0, gidx.data() + r0, nullptr, 0, xp};
           S.kern.run(a);
         }
@@ -360,7 +373,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
         for (int64_t b = 0; b < nfb; ++b) {
           const int64_t i0 = b * fb, rows = std::min(fb, nredo - i0), rpad = round_up(rows, mr);
           BlockArgs a{S.load_rows(0, redo.data() + i0, rows, rpad, xbuf.data()), rpad, rows, d,
-                      S.panel.data(), S.pnorm.data(), nch, static_cast<int32_t>(c0), nullptr,
+                      S.panel, S.pnorm, nch, static_cast<int32_t>(c0), nullptr,
                       nullptr, nullptr, scores.data(), S.kp};
           S.kern.run(a);
           for (int64_t i = 0; i < rows; ++i) {
@@ -452,10 +465,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   static thread_local std::vector<uint32_t> panel_v, xq_v;
   static thread_local std::vector<float> pnorm_v, best_v, thr_v, band_v, scores_v;
   static thread_local std::vector<int32_t> count_v, codes_v;
-  auto grow = [](auto& v, int64_t count) {
-    if (v.size() < static_cast<size_t>(count)) v.resize(static_cast<size_t>(count));
-    return v.data();
-  };
+  auto grow = [](auto& v, int64_t count) { return grow_aligned64(v, count); };
   uint32_t* panel = grow(panel_v, kp * d2);
   uint32_t* xq = grow(xq_v, sbr * d2);
   float* pnorm = grow(pnorm_v, kp);
