@@ -40,6 +40,7 @@ __attribute__((always_inline)) inline void tile_body(const float* __restrict xq,
       for (int r = 0; r < MR; ++r) acc[r][v] = O::fmadd(O::set1(xat(r, 0)), cv[v], nv);
     }
   }
+#pragma GCC unroll 4
   for (int64_t j = 1; j < d; ++j) {
     V cv[NRV];
 #pragma GCC unroll 8
