@@ -104,6 +104,23 @@ def test_packed_rows_over_super_blocks_and_panels(isa, dtype):
     assert (idx[near] == 127).all()
 
 
+def test_distances_same_bits_at_every_isa(monkeypatch):
+    """The winner's direct-form distance runs the same operations (sixteen partial sums, no FMA)
+    at every SIMD level, so every CPU returns the same distance bits."""
+    levels = _isa_levels()
+    if len(levels) < 2:
+        pytest.skip("one SIMD level on this machine")
+    g = torch.Generator().manual_seed(5)
+    outs = {}
+    for d in (5, 16, 37, 300):  # below, at and past one 16-wide step, with tails
+        x, c = torch.randn(500, d, generator=g) * 3, torch.randn(70, d, generator=g) * 3
+        for level in levels:
+            monkeypatch.setenv("VQTOK_ISA", level)
+            outs.setdefault(d, []).append(_raw(x, c)[:2])
+        for idx, dist in outs[d][1:]:
+            assert torch.equal(idx, outs[d][0][0]) and torch.equal(dist, outs[d][0][1]), d
+
+
 def test_near_ties_are_redecided(isa, precision):
     # integer grids tie exactly in fp32 scores: every such row must go through the re-decision
     # (more rows than one re-decision block, so several blocks run)

@@ -7,7 +7,10 @@
 // (plus a few subnormal quanta), where t_k is the exact |c_k|^2 - 2 x.c_k. If the best and
 // second-best computed scores differ by more than 2E the best is the unique exact winner; other
 // rows are re-decided by a direct-form scan sum((x - c)^2) in double (ties -> lowest index).
-#include <emmintrin.h>
+// Multiply-adds are never fused implicitly here (the direct-form sums must round the same way in
+// the baseline and the AVX-512 functions); explicit fma intrinsics are unaffected.
+#pragma GCC optimize("fp-contract=off")
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -118,28 +121,15 @@ inline const float* row_f32(const void* p, DType t, int64_t i, int64_t d, float*
   return tmp;
 }
 
-// sum_j (x_j - c_j)^2 in double: eight partial sums (four SSE2 pairs: independent chains, so the
-// loop runs at the adds' throughput, not their latency) combined pairwise. Differences and squares
-// of fp32 values in double, rounded once each (no FMA, so every x86-64 CPU gives the same bits).
+// sum_j (x_j - c_j)^2 in double: sixteen partial sums s_i over j = i mod 16 (independent chains,
+// so the loop runs at the adds' throughput, not their latency), combined as a fixed tree:
+// t_i = s_i + s_{i+8}, u_i = t_i + t_{i+4}, v_i = u_i + u_{i+2}, v_0 + v_1, then the d mod 16 tail
+// in order. Differences and squares of fp32 values in double, each rounded once (no FMA). The SSE2
+// and AVX-512 versions run exactly these operations, so every CPU gives the same bits.
 inline __m128d cvt_lo(__m128 v) { return _mm_cvtps_pd(v); }
 inline __m128d cvt_hi(__m128 v) { return _mm_cvtps_pd(_mm_movehl_ps(v, v)); }
-inline double hsum8(__m128d a0, __m128d a1, __m128d a2, __m128d a3) {
-  const __m128d s = _mm_add_pd(_mm_add_pd(a0, a2), _mm_add_pd(a1, a3));
-  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
-}
 
-inline double sq_dist(const float* __restrict x, const float* __restrict c, int64_t d) {
-  __m128d a0 = _mm_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t j = 0;
-  for (; j + 8 <= d; j += 8) {
-    const __m128 x0 = _mm_loadu_ps(x + j), x1 = _mm_loadu_ps(x + j + 4);
-    const __m128 c0 = _mm_loadu_ps(c + j), c1 = _mm_loadu_ps(c + j + 4);
-    const __m128d e0 = _mm_sub_pd(cvt_lo(x0), cvt_lo(c0)), e1 = _mm_sub_pd(cvt_hi(x0), cvt_hi(c0));
-    const __m128d e2 = _mm_sub_pd(cvt_lo(x1), cvt_lo(c1)), e3 = _mm_sub_pd(cvt_hi(x1), cvt_hi(c1));
-    a0 = _mm_add_pd(a0, _mm_mul_pd(e0, e0)), a1 = _mm_add_pd(a1, _mm_mul_pd(e1, e1));
-    a2 = _mm_add_pd(a2, _mm_mul_pd(e2, e2)), a3 = _mm_add_pd(a3, _mm_mul_pd(e3, e3));
-  }
-  double s = hsum8(a0, a1, a2, a3);
+inline double tail_sq(const float* x, const float* c, int64_t j, int64_t d, double s) {
   for (; j < d; ++j) {
     const double e = static_cast<double>(x[j]) - static_cast<double>(c[j]);
     s += e * e;
@@ -147,8 +137,42 @@ inline double sq_dist(const float* __restrict x, const float* __restrict c, int6
   return s;
 }
 
-// |x|_1 and |x|_2^2 in double (partial sums as sq_dist).
-inline void l1_l2(const float* __restrict x, int64_t d, double* l1, double* l2) {
+double sq_dist_sse2(const float* __restrict x, const float* __restrict c, int64_t d) {
+  __m128d a[8];
+  for (auto& v : a) v = _mm_setzero_pd();
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16)
+    for (int q = 0; q < 4; ++q) {  // a[2q], a[2q+1]: lanes 4q .. 4q+3
+      const __m128 xv = _mm_loadu_ps(x + j + 4 * q), cv = _mm_loadu_ps(c + j + 4 * q);
+      const __m128d e0 = _mm_sub_pd(cvt_lo(xv), cvt_lo(cv)), e1 = _mm_sub_pd(cvt_hi(xv), cvt_hi(cv));
+      a[2 * q] = _mm_add_pd(a[2 * q], _mm_mul_pd(e0, e0));
+      a[2 * q + 1] = _mm_add_pd(a[2 * q + 1], _mm_mul_pd(e1, e1));
+    }
+  for (int q = 0; q < 4; ++q) a[q] = _mm_add_pd(a[q], a[q + 4]);  // t
+  for (int q = 0; q < 2; ++q) a[q] = _mm_add_pd(a[q], a[q + 2]);  // u
+  const __m128d v = _mm_add_pd(a[0], a[1]);
+  return tail_sq(x, c, j, d, _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))));
+}
+
+__attribute__((target("avx512f"))) double sq_dist_avx512(const float* __restrict x, const float* __restrict c,
+                                                          int64_t d) {
+  __m512d a0 = _mm512_setzero_pd(), a1 = a0;
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m512d e0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), _mm512_cvtps_pd(_mm256_loadu_ps(c + j)));
+    const __m512d e1 =
+        _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8)), _mm512_cvtps_pd(_mm256_loadu_ps(c + j + 8)));
+    a0 = _mm512_add_pd(a0, _mm512_mul_pd(e0, e0)), a1 = _mm512_add_pd(a1, _mm512_mul_pd(e1, e1));
+  }
+  const __m512d t = _mm512_add_pd(a0, a1);
+  const __m256d u = _mm256_add_pd(_mm512_castpd512_pd256(t), _mm512_extractf64x4_pd(t, 1));
+  const __m128d v = _mm_add_pd(_mm256_castpd256_pd128(u), _mm256_extractf128_pd(u, 1));
+  return tail_sq(x, c, j, d, _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))));
+}
+
+// |x|_1 and |x|_2^2 in double, for the certificate (any summation order will do: the bound carries
+// a relative margin far above the rounding of a d-term sum).
+void l1_l2_sse2(const float* __restrict x, int64_t d, double* l1, double* l2) {
   const __m128d sign = _mm_set1_pd(-0.0);
   __m128d p0 = _mm_setzero_pd(), p1 = p0, p2 = p0, p3 = p0, q0 = p0, q1 = p0, q2 = p0, q3 = p0;
   int64_t j = 0;
@@ -160,7 +184,10 @@ inline void l1_l2(const float* __restrict x, int64_t d, double* l1, double* l2) 
     q0 = _mm_add_pd(q0, _mm_mul_pd(v0, v0)), q1 = _mm_add_pd(q1, _mm_mul_pd(v1, v1));
     q2 = _mm_add_pd(q2, _mm_mul_pd(v2, v2)), q3 = _mm_add_pd(q3, _mm_mul_pd(v3, v3));
   }
-  double s1 = hsum8(p0, p1, p2, p3), s2 = hsum8(q0, q1, q2, q3);
+  const __m128d p = _mm_add_pd(_mm_add_pd(p0, p2), _mm_add_pd(p1, p3));
+  const __m128d q = _mm_add_pd(_mm_add_pd(q0, q2), _mm_add_pd(q1, q3));
+  double s1 = _mm_cvtsd_f64(_mm_add_sd(p, _mm_unpackhi_pd(p, p)));
+  double s2 = _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
   for (; j < d; ++j) {
     const double v = static_cast<double>(x[j]);
     s1 += std::fabs(v), s2 += v * v;
@@ -168,20 +195,48 @@ inline void l1_l2(const float* __restrict x, int64_t d, double* l1, double* l2) 
   *l1 = s1, *l2 = s2;
 }
 
+__attribute__((target("avx512f"))) void l1_l2_avx512(const float* __restrict x, int64_t d, double* l1, double* l2) {
+  __m512d p0 = _mm512_setzero_pd(), p1 = p0, q0 = p0, q1 = p0;
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m512d v0 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j)), v1 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8));
+    p0 = _mm512_add_pd(p0, _mm512_abs_pd(v0)), p1 = _mm512_add_pd(p1, _mm512_abs_pd(v1));
+    q0 = _mm512_fmadd_pd(v0, v0, q0), q1 = _mm512_fmadd_pd(v1, v1, q1);
+  }
+  double s1 = _mm512_reduce_add_pd(_mm512_add_pd(p0, p1)), s2 = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
+  for (; j < d; ++j) {
+    const double v = static_cast<double>(x[j]);
+    s1 += std::fabs(v), s2 += v * v;
+  }
+  *l1 = s1, *l2 = s2;
+}
+
+// The direct-form helpers of one search, at the widest level VQTOK_ISA allows (chosen once).
+struct DirectForm {
+  double (*dist)(const float*, const float*, int64_t);
+  void (*norms)(const float*, int64_t, double*, double*);
+  DirectForm() {
+    const bool wide = active_isa() == Isa::Avx512;
+    dist = wide ? &sq_dist_avx512 : &sq_dist_sse2;
+    norms = wide ? &l1_l2_avx512 : &l1_l2_sse2;
+  }
+};
+
 // Lowest index minimising sum((x - c)^2) in double. xr: d floats; tmp: d floats of scratch.
-int64_t scan_direct(const float* xr, const void* cb, DType t, int64_t k, int64_t d, float* tmp, double* dist) {
+int64_t scan_direct(const DirectForm& df, const float* xr, const void* cb, DType t, int64_t k, int64_t d, float* tmp,
+                    double* dist) {
   int64_t best = 0;
   double bd = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < k; ++i) {
-    const double s = sq_dist(xr, row_f32(cb, t, i, d, tmp), d);
+    const double s = df.dist(xr, row_f32(cb, t, i, d, tmp), d);
     if (s < bd) bd = s, best = i;
   }
   *dist = bd;
   return best;
 }
 
-double direct_dist(const float* xr, const void* cb, DType t, int64_t i, int64_t d, float* tmp) {
-  return sq_dist(xr, row_f32(cb, t, i, d, tmp), d);
+double direct_dist(const DirectForm& df, const float* xr, const void* cb, DType t, int64_t i, int64_t d, float* tmp) {
+  return df.dist(xr, row_f32(cb, t, i, d, tmp), d);
 }
 
 // Everything one search needs; the panel buffers are shared by the threads.
@@ -252,6 +307,7 @@ namespace {
 NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d, DType dtype,
                            int64_t* out_idx, float* out_dist) {
   Search S(pick_kernel(d), x, codebook, dtype, n, k, d);
+  const DirectForm df;
   NearestStats stats;
   stats.isa = S.kern.name;
   if (n <= 0) return stats;
@@ -283,7 +339,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   // file comment); infinite past the bound's range.
   auto row_bound = [&](const float* xr) {
     double l1, l2;
-    l1_l2(xr, d, &l1, &l2);
+    df.norms(xr, d, &l1, &l2);
     if (huge || l2 >= 1e36) return std::numeric_limits<double>::infinity();
     const double dots = std::min(l1 * cs.abs_max, std::sqrt(l2) * cs.norm_max);
     return gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
@@ -357,7 +413,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
       if (!std::isinf(bound[r])) continue;
       double dist;
       gidx[r] = static_cast<int32_t>(
-          scan_direct(row_f32(x, dtype, r, d, xrow.data()), codebook, dtype, k, d, crow.data(), &dist));
+          scan_direct(df, row_f32(x, dtype, r, d, xrow.data()), codebook, dtype, k, d, crow.data(), &dist));
       redo_dist[i] = dist;
     }
 
@@ -384,7 +440,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
             const float* sr = scores.data() + i * S.kp;
             for (int64_t c = 0; c < ncodes; ++c) {
               if (static_cast<double>(sr[c]) > thr) continue;
-              const double dd = direct_dist(xr, codebook, dtype, c0 + c, d, crow.data());
+              const double dd = direct_dist(df, xr, codebook, dtype, c0 + c, d, crow.data());
               if (dd < redo_dist[i0 + i]) redo_dist[i0 + i] = dd, gidx[r] = static_cast<int32_t>(c0 + c);
             }
           }
@@ -397,7 +453,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     for (int64_t r = 0; r < n; ++r) {
       out_idx[r] = gidx[r];
       out_dist[r] = static_cast<float>(
-          direct_dist(row_f32(x, dtype, r, d, xrow.data()), codebook, dtype, gidx[r], d, crow.data()));
+          direct_dist(df, row_f32(x, dtype, r, d, xrow.data()), codebook, dtype, gidx[r], d, crow.data()));
     }
 #pragma omp single
     exact_rows = nredo;
@@ -435,6 +491,7 @@ inline float round_up_f(double v) {
 NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                                   DType dtype, int64_t* out_idx, float* out_dist) {
   constexpr int64_t CW = int64_t{kFastNRV} * kFastWidth, MR = kFastMR, CAP = kFastCap;
+  const DirectForm df;
   std::vector<float> cnorm(static_cast<size_t>(k));
   const CodebookStats cs = codebook_norms(codebook, dtype, k, d, cnorm.data());
   if (cs.norm2_max > 1e36) return nearest_exact(x, codebook, n, k, d, dtype, out_idx, out_dist);
@@ -565,7 +622,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
         const float* sr = scores + r * CAP;
         for (int32_t i = 0; i < count[r]; ++i) {
           if (!(sr[i] <= thr[r])) continue;
-          const double dd = direct_dist(xrow, codebook, dtype, cr[i], d, crow.data());
+          const double dd = direct_dist(df, xrow, codebook, dtype, cr[i], d, crow.data());
           if (dd < bdist || (dd == bdist && cr[i] < bi)) bdist = dd, bi = cr[i];
         }
         out_idx[s0 + r] = bi;
