@@ -112,7 +112,7 @@ def test_distances_same_bits_at_every_isa(monkeypatch):
         pytest.skip("one SIMD level on this machine")
     g = torch.Generator().manual_seed(5)
     outs = {}
-    for d in (5, 16, 37, 300):  # below, at and past one 16-wide step, with tails
+    for d in (5, 8, 16, 29, 37, 300):  # below, at and past the 8- and 16-wide steps, with tails
         x, c = torch.randn(500, d, generator=g) * 3, torch.randn(70, d, generator=g) * 3
         for level in levels:
             monkeypatch.setenv("VQTOK_ISA", level)

@@ -122,7 +122,8 @@ inline const float* row_f32(const void* p, DType t, int64_t i, int64_t d, float*
 }
 
 // sum_j (x_j - c_j)^2 in double: sixteen partial sums s_i over j = i mod 16 (independent chains,
-// so the loop runs at the adds' throughput, not their latency), combined as a fixed tree:
+// so the loop runs at the adds' throughput, not their latency; a last half step of 8 goes into
+// s_0 .. s_7), combined as a fixed tree:
 // t_i = s_i + s_{i+8}, u_i = t_i + t_{i+4}, v_i = u_i + u_{i+2}, v_0 + v_1, then the d mod 16 tail
 // in order. Differences and squares of fp32 values in double, each rounded once (no FMA). The SSE2
 // and AVX-512 versions run exactly these operations, so every CPU gives the same bits.
@@ -148,6 +149,15 @@ double sq_dist_sse2(const float* __restrict x, const float* __restrict c, int64_
       a[2 * q] = _mm_add_pd(a[2 * q], _mm_mul_pd(e0, e0));
       a[2 * q + 1] = _mm_add_pd(a[2 * q + 1], _mm_mul_pd(e1, e1));
     }
+  if (j + 8 <= d) {  // one half step into s_0 .. s_7
+    for (int q = 0; q < 2; ++q) {
+      const __m128 xv = _mm_loadu_ps(x + j + 4 * q), cv = _mm_loadu_ps(c + j + 4 * q);
+      const __m128d e0 = _mm_sub_pd(cvt_lo(xv), cvt_lo(cv)), e1 = _mm_sub_pd(cvt_hi(xv), cvt_hi(cv));
+      a[2 * q] = _mm_add_pd(a[2 * q], _mm_mul_pd(e0, e0));
+      a[2 * q + 1] = _mm_add_pd(a[2 * q + 1], _mm_mul_pd(e1, e1));
+    }
+    j += 8;
+  }
   for (int q = 0; q < 4; ++q) a[q] = _mm_add_pd(a[q], a[q + 4]);  // t
   for (int q = 0; q < 2; ++q) a[q] = _mm_add_pd(a[q], a[q + 2]);  // u
   const __m128d v = _mm_add_pd(a[0], a[1]);
@@ -163,6 +173,11 @@ __attribute__((target("avx512f"))) double sq_dist_avx512(const float* __restrict
     const __m512d e1 =
         _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8)), _mm512_cvtps_pd(_mm256_loadu_ps(c + j + 8)));
     a0 = _mm512_add_pd(a0, _mm512_mul_pd(e0, e0)), a1 = _mm512_add_pd(a1, _mm512_mul_pd(e1, e1));
+  }
+  if (j + 8 <= d) {  // one half step into s_0 .. s_7
+    const __m512d e0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), _mm512_cvtps_pd(_mm256_loadu_ps(c + j)));
+    a0 = _mm512_add_pd(a0, _mm512_mul_pd(e0, e0));
+    j += 8;
   }
   const __m512d t = _mm512_add_pd(a0, a1);
   const __m256d u = _mm256_add_pd(_mm512_castpd512_pd256(t), _mm512_extractf64x4_pd(t, 1));
@@ -202,6 +217,11 @@ __attribute__((target("avx512f"))) void l1_l2_avx512(const float* __restrict x, 
     const __m512d v0 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j)), v1 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j + 8));
     p0 = _mm512_add_pd(p0, _mm512_abs_pd(v0)), p1 = _mm512_add_pd(p1, _mm512_abs_pd(v1));
     q0 = _mm512_fmadd_pd(v0, v0, q0), q1 = _mm512_fmadd_pd(v1, v1, q1);
+  }
+  if (j + 8 <= d) {
+    const __m512d v0 = _mm512_cvtps_pd(_mm256_loadu_ps(x + j));
+    p0 = _mm512_add_pd(p0, _mm512_abs_pd(v0)), q0 = _mm512_fmadd_pd(v0, v0, q0);
+    j += 8;
   }
   double s1 = _mm512_reduce_add_pd(_mm512_add_pd(p0, p1)), s2 = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
   for (; j < d; ++j) {
