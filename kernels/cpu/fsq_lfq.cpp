@@ -84,7 +84,8 @@ FsqThresholds compute_thresholds(const FsqArgs& a) {
   th.n = n;
   th.thr.assign(size_t(a.d) * n, bits_to_float(0x7fc00000u));  // quiet NaN: never reached
   for (int j = 0; j < a.d; ++j)
-    for (int v = 0; v < int(qmax[j] - th.qmin[j]); ++v) th.thr[size_t(j) * n + v] = fsq_threshold(a, j, th.qmin[j] + v + 1);
+    for (int v = 0; v < int(qmax[j] - th.qmin[j]); ++v)
+      th.thr[size_t(j) * n + v] = fsq_threshold(a, j, th.qmin[j] + v + 1);
   return th;
 }
 

@@ -124,7 +124,7 @@ void run_block(const BlockArgs& a) {
   alignas(64) float lb[kMaxBlockTiles * MR * W], ls[kMaxBlockTiles * MR * W];
   alignas(64) int32_t li[kMaxBlockTiles * MR * W];
   for (int64_t i = 0; i < a.rows * W; ++i) lb[i] = ls[i] = __builtin_inff(), li[i] = 0;
-  // Large d: the tiles read the block's rows packed feature-major (a.xp, see BlockArgs).
+  // Past d = 16 the tiles read the block's rows packed feature-major (a.xp, see BlockArgs).
   const float* xp = a.xp;
   auto tile = [&](int64_t r0, int64_t q) {
     micro_tile<O, MR, NRV, false, kGroupIds, true>(xp + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW,
