@@ -131,6 +131,30 @@ inline void seed_epilogue(const float* nrm, const float* cb, float* mins) {
 // would wait for it to reach L1).
 #define VQTOK_AMX_STORE(C) _tile_stored(C, cbuf[C], W * 4)
 
+// NSTEPS steps (a multiple of 4) through accumulators tmm0-3 and code tiles tmm5-6 with the rows
+// held in tmm4 (d2 <= 16): step j's accumulator is stored two steps after its TDPBF16PS and
+// CHECK(j), the epilogue macro, reads it one step later still.
+#define VQTOK_AMX_PIPELINE(NSTEPS, CHECK)                        \
+  do {                                                           \
+    for (int64_t j = 0; j < (NSTEPS); j += 4) {                  \
+      VQTOK_AMX_STEP(0, 5, j);                                   \
+      if (j > 0) { VQTOK_AMX_STORE(2); CHECK(j - 3); }           \
+      VQTOK_AMX_STEP(1, 6, j + 1);                               \
+      if (j > 0) { VQTOK_AMX_STORE(3); CHECK(j - 2); }           \
+      VQTOK_AMX_STEP(2, 5, j + 2);                               \
+      VQTOK_AMX_STORE(0);                                        \
+      if (j > 0) CHECK(j - 1);                                   \
+      VQTOK_AMX_STEP(3, 6, j + 3);                               \
+      VQTOK_AMX_STORE(1);                                        \
+      CHECK(j);                                                  \
+    }                                                            \
+    VQTOK_AMX_STORE(2);                                          \
+    CHECK((NSTEPS) - 3);                                         \
+    VQTOK_AMX_STORE(3);                                          \
+    CHECK((NSTEPS) - 2);                                         \
+    CHECK((NSTEPS) - 1);                                         \
+  } while (0)
+
 // Stores accumulator C (the step jj) and runs its epilogue.
 #define VQTOK_AMX_FLUSH(C, jj, EPI)                              \
   do {                                                           \
@@ -190,19 +214,7 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
 #define VQTOK_TEST(jj) epilogue(a, r0, base(jj), a.norms + (jj) * 16, cbuf[(jj) % 4])
     if (seed_steps > 0) {
       for (int i = 0; i < 16 * W; ++i) mins[i] = FLT_MAX;
-      for (int64_t j = 0; j < seed_steps; j += 4) {
-        VQTOK_AMX_STEP(0, 5, j);
-        if (j > 0) { VQTOK_AMX_STORE(2); VQTOK_SEED(j - 3); }
-        VQTOK_AMX_STEP(1, 6, j + 1);
-        if (j > 0) { VQTOK_AMX_STORE(3); VQTOK_SEED(j - 2); }
-        VQTOK_AMX_STEP(2, 5, j + 2);
-        VQTOK_AMX_STORE(0);
-        if (j > 0) VQTOK_SEED(j - 1);
-        VQTOK_AMX_STEP(3, 6, j + 3);
-        { VQTOK_AMX_STORE(1); VQTOK_SEED(j); }
-      }
-      { VQTOK_AMX_STORE(2); VQTOK_SEED(seed_steps - 3); }
-      { VQTOK_AMX_STORE(3); VQTOK_SEED(seed_steps - 2), VQTOK_SEED(seed_steps - 1); }
+      VQTOK_AMX_PIPELINE(seed_steps, VQTOK_SEED);
       for (int r = 0; r < 16; ++r) {
         const float v = _mm512_reduce_min_ps(_mm512_load_ps(mins + r * W));
         const int64_t row = r0 + r;
@@ -213,19 +225,7 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
       }
     }
     if (nk == 1) {
-      for (int64_t j = 0; j < steps; j += 4) {
-        VQTOK_AMX_STEP(0, 5, j);
-        if (j > 0) { VQTOK_AMX_STORE(2); VQTOK_TEST(j - 3); }
-        VQTOK_AMX_STEP(1, 6, j + 1);
-        if (j > 0) { VQTOK_AMX_STORE(3); VQTOK_TEST(j - 2); }
-        VQTOK_AMX_STEP(2, 5, j + 2);
-        VQTOK_AMX_STORE(0);
-        if (j > 0) VQTOK_TEST(j - 1);
-        VQTOK_AMX_STEP(3, 6, j + 3);
-        { VQTOK_AMX_STORE(1); VQTOK_TEST(j); }
-      }
-      { VQTOK_AMX_STORE(2); VQTOK_TEST(steps - 3); }
-      { VQTOK_AMX_STORE(3); VQTOK_TEST(steps - 2), VQTOK_TEST(steps - 1); }
+      VQTOK_AMX_PIPELINE(steps, VQTOK_TEST);
     } else {  // d2 > 16: long TDPBF16PS chains hide the latency; share the row-tile loads
       for (int64_t j = 0; j < steps; j += 4) {
         VQTOK_AMX_STEP2(0, 1, j);
@@ -249,5 +249,6 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
 #undef VQTOK_AMX_STEP2
 #undef VQTOK_AMX_FLUSH
 #undef VQTOK_AMX_STORE
+#undef VQTOK_AMX_PIPELINE
 
 }  // namespace vqtok::nearest_detail
