@@ -470,6 +470,7 @@ def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: 
             on_row(res)
     return res
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2^10 only, 10 steps")

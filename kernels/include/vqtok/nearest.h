@@ -28,9 +28,11 @@ struct NearestStats {
 // more than 64 candidates or values past the bound's range run the exact search. The answer is
 // identical to the exact mode's. Elsewhere `fast` runs the exact path.
 // Extra memory: one packed codebook panel (~1 MiB), per-thread row buffers (~64 KiB), 4 bytes
-// per code (norms) and 20 bytes per row; the fast mode instead keeps at most ~8 MiB of row state
-// (rows are processed in super-blocks) plus 8 bytes per feature. Runs on all OpenMP threads (one thread below ~1 ms of
-// work); the SIMD level is chosen per call by active_isa() (env VQTOK_ISA may lower it).
+// per code (norms) and 20 bytes per row; past d = 128 with more than one panel, also the rows
+// packed per super-block (~8 MiB, a recycled HostBuffer). The fast mode instead keeps at most
+// ~8 MiB of row state (rows are processed in super-blocks) plus 8 bytes per feature. Runs on all
+// OpenMP threads (one thread below ~1 ms of work); the SIMD level is chosen per call by
+// active_isa() (env VQTOK_ISA may lower it).
 // True when `fast` runs the AMX-BF16 path here: active_isa() is AVX-512 (VQTOK_ISA may lower
 // it) and the CPU has AMX-BF16 that the OS lets this process use.
 bool nearest_fast_available();
