@@ -8,14 +8,17 @@ Setup (frozen in ``StudyConfig``): every photo is used at several ``scales`` of 
 vqtok.data's multi-scale sets). Training draws random ``crop``x``crop`` crops (with flips) from the
 training photos; the held-out photos (retina, the stereo motorcycle pair, flower; the same split as
 vqtok.data) are never trained on. The autoencoder downsamples by 4 (a 32x32 crop is an 8x8 token
-grid) and standardises its latent per channel. Every row trains the same architecture from the
+grid) and standardises its latent per channel (``latent_norm``: BatchNorm without affine
+parameters, or ``RunningStandardize``, the same latent in training and evaluation). Every row trains the same architecture from the
 same seed with AdamW on MSE + the quantizer's own loss for ``steps`` steps; a row whose step time
 (timed after ``probe_steps`` warm-up steps) projects past ``max_train_s`` trains for the steps
-that fit in that time instead (the ``steps`` column). k-means rows first initialise from
-``init_tokens_per_code`` x K tokens (EMA counts put back on the per-step scale) and restart codes
-whose EMA count falls below
-``restart_share`` of a uniform code's per-step share (at most 2). Each vqtok row's ``setup`` (the
-build_quantizer arguments: restarts, entropy terms) is in the JSON.
+that fit in that time instead (the ``steps`` column), and no row's steps run past
+``max_train_s``. k-means rows first initialise from ``init_tokens_per_code`` x K tokens (EMA
+counts put back on the per-step scale) and restart codes whose EMA count falls below
+``restart_share`` of a uniform code's per-step share (at most 2); the peers' VectorQuantize uses
+the rotation trick, vqtok's VQ rows the estimator ``vq_estimator``. Each vqtok row's ``setup`` (the build_quantizer arguments: restarts,
+entropy terms) is in the JSON. ``--set KEY=VALUE`` overrides
+any ``StudyConfig`` field.
 
 Evaluation, two passes over the held-out photos:
 - reconstruction (PSNR, SSIM via ``vqtok.evaluate``) on a non-overlapping grid of ``eval_tile`` px
@@ -23,17 +26,18 @@ Evaluation, two passes over the held-out photos:
 - codebook health (usage, perplexity, dead codes, collapse via ``vqtok.evaluate.codebook_stats``)
   on the same grid at every phase of the 4 px token grid and mirrored (``dense_views``: 32 views,
   7.2M tokens, 27 per code at 2^18; ImageNet's 50k validation images at 16x16 tokens are 12.8M),
-  encoder and quantizer only. Each row also prints ``ceiling`` = min(K, tokens) / K.
+  encoder and quantizer only. Each row also prints ``ceiling`` = min(K, tokens) / K. The peers'
+  VectorQuantize indices in this pass come from ``vqtok.ops.nearest_code`` on its own codebook
+  (its forward builds the N x K distance matrix), checked against its forward on the first batch.
 
 Peers: vector-quantize-pytorch's VectorQuantize (EMA, kmeans_init, threshold_ema_dead_code,
 rotation_trick), FSQ and LFQ (entropy loss on) under the same model and budget. Peer LFQ
 materialises an N x 2^B probability matrix; rows whose estimate exceeds ``peer_lfq_max_gib`` are
 reported as skipped with the estimate.
 
-    # full study; on 2 CPU cores ~23 min for the vqtok rows, > 11 min for the peers' 2^14 VQ
-    python benchmarks/quantizer_study.py --threads 2
+    python benchmarks/quantizer_study.py --threads 2    # the full study
     python benchmarks/quantizer_study.py --quick    # CI smoke run
-    python benchmarks/quantizer_study.py --json out.json --rows fsq,lfq
+    python benchmarks/quantizer_study.py --json out.json --rows fsq,lfq --set seed=1
 """
 
 from __future__ import annotations
@@ -69,8 +73,14 @@ class StudyConfig:
     latent_dim: int = 16      # channels at the quantizer
     width: int = 48           # autoencoder channels
     lr: float = 2e-3
+    lr_decay: str = "constant"  # "constant" or "cosine" (to lr * lr_final over the row's steps)
+    lr_final: float = 0.0
+    latent_norm: str = "batch"  # latent standardisation: "batch" (BatchNorm) or "running" (RunningStandardize)
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
+    vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
+    simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
+    lfq_entropy: tuple = (0.3, 0.3, 1.0)  # LFQ rows: entropy weight, temperature, per-sample term's weight
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
     big_sizes: tuple = (18,)  # extra log2 sizes for FSQ and LFQ
     peer_lfq_max_gib: float = 2.0
@@ -194,7 +204,7 @@ def held_out_codebook_health(model: nn.Module, photos: list[torch.Tensor], tile:
     try:
         for view in dense_views(photos, tile):
             for i in range(0, len(view), batch):
-                idx = model.quantizer(model.encoder(view[i : i + batch])).indices
+                idx = model.quantizer.encode(model.encoder(view[i : i + batch]))
                 idx = idx.reshape(-1, layers) if layers > 1 else idx.reshape(-1, 1)
                 for layer in range(layers):
                     counts[layer] += torch.bincount(idx[:, layer], minlength=k)
@@ -212,28 +222,77 @@ def held_out_codebook_health(model: nn.Module, photos: list[torch.Tensor], tile:
 # --------------------------------------------------------------------------------------------
 # the autoencoder (same for every row) and quantizer adapters
 # --------------------------------------------------------------------------------------------
+class RunningStandardize(nn.Module):
+    """Per-channel standardisation by running statistics, the same in training and evaluation.
+
+    y = (x - mean) / sqrt(var + eps) with ``mean`` / ``var`` buffers: the first training batch
+    sets them, each later one moves them by ``momentum`` towards its own statistics before they
+    are applied. BatchNorm instead standardises a training batch by that batch's own statistics,
+    which jitter from batch to batch, and evaluates with the running ones: the quantizer is then
+    fit to latents the evaluation never produces.
+
+    In training the value is computed as batch renormalisation (Ioffe 2017) without clipping:
+    BatchNorm's output times r = sigma_batch / sigma plus d = (mu_batch - mu) / sigma, r and d
+    detached. The value is the running standardisation; the gradient is BatchNorm's (times r),
+    which carries no component along the batch's mean and scale. With the statistics merely
+    detached the encoder is free to shrink its latent, and VQ rows collapse.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        if not self.training:
+            return (x - self.mean.view(shape)) * torch.rsqrt(self.var.view(shape) + self.eps)
+        dims = [0, *range(2, x.ndim)]
+        var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+        with torch.no_grad():
+            m = 1.0 if int(self.num_batches_tracked) == 0 else self.momentum
+            n = x.numel() // x.shape[1]
+            self.mean.lerp_(mean_b.detach(), m)
+            self.var.lerp_(var_b.detach() * n / max(n - 1, 1), m)  # unbiased, as BatchNorm's
+            self.num_batches_tracked += 1
+            inv = torch.rsqrt(self.var + self.eps)
+            r = torch.sqrt(var_b.detach() + self.eps) * inv
+            d = (mean_b.detach() - self.mean) * inv
+        y = (x - mean_b.view(shape)) * torch.rsqrt(var_b.view(shape) + self.eps)
+        return y * r.view(shape) + d.view(shape)
+
+
 class StudyAE(nn.Module):
     """x [B, 3, H, W] -> z [B, D, H/4, W/4] -> quantizer -> recon [B, 3, H, W].
 
     A 4x4 patch embedding, two 3x3 convs at token resolution, and the mirror image with a 4x4
     transposed-conv "unpatchify": small enough that the quantizer's cost shows in the wall time.
-    The latent is standardised per channel (BatchNorm without affine parameters; running
-    statistics at evaluation), so every quantizer sees inputs on the same, known scale.
+    The latent is standardised per channel (``norm="running"``: RunningStandardize, the same in
+    training and evaluation; ``"batch"``: BatchNorm without affine parameters), so every quantizer
+    sees inputs on the same, known scale.
     """
 
     modality = "image"
 
-    def __init__(self, quantizer: nn.Module, latent_dim: int, width: int):
+    def __init__(self, quantizer: nn.Module, latent_dim: int, width: int, norm: str = "running"):
         super().__init__()
+        if norm not in ("running", "batch"):
+            raise ValueError(f"norm must be 'running' or 'batch', got {norm!r}")
         w = width
         self.encoder = nn.Sequential(
             nn.Conv2d(3, w, 4, 4), nn.GELU(), nn.Conv2d(w, w, 3, 1, 1), nn.GELU(),
             nn.Conv2d(w, w, 3, 1, 1), nn.GELU(), nn.Conv2d(w, latent_dim, 1),
-            nn.BatchNorm2d(latent_dim, affine=False))
+            RunningStandardize(latent_dim) if norm == "running" else nn.BatchNorm2d(latent_dim, affine=False))
         self.decoder = nn.Sequential(
             nn.Conv2d(latent_dim, w, 3, 1, 1), nn.GELU(), nn.Conv2d(w, w, 3, 1, 1), nn.GELU(),
             nn.Conv2d(w, w, 3, 1, 1), nn.GELU(), nn.ConvTranspose2d(w, 3, 4, 4))
         self.quantizer = quantizer
+
+    @property
+    def latent_norm(self) -> nn.Module:
+        return self.encoder[-1]
 
     def forward(self, x):
         q = self.quantizer(self.encoder(x))
@@ -249,6 +308,7 @@ class PeerAdapter(nn.Module):
     def __init__(self, module: nn.Module, codebook_size: int, returns_loss: bool):
         super().__init__()
         self.module, self.codebook_size, self.returns_loss = module, codebook_size, returns_loss
+        self.encode_checked = False
 
     def forward(self, z):
         b, d, h, w = z.shape
@@ -258,12 +318,49 @@ class PeerAdapter(nn.Module):
         return SimpleNamespace(quantized=q.transpose(1, 2).reshape(b, d, h, w),
                                indices=idx.reshape(b, h, w).long(), loss=loss)
 
+    def _codebook(self) -> torch.Tensor | None:
+        """VectorQuantize's codebook [K, D] when its indices are the plain nearest code (one
+        codebook, no projection, Euclidean), else None."""
+        cb = getattr(getattr(self.module, "_codebook", None), "embed", None)
+        if (cb is None or cb.ndim != 3 or cb.shape[0] != 1 or getattr(self.module, "heads", 1) != 1
+                or not isinstance(getattr(self.module, "project_in", None), nn.Identity)
+                or getattr(self.module, "use_cosine_sim", False)):
+            return None
+        return cb[0]
+
+    @torch.no_grad()
+    def encode(self, z):
+        """Indices [B, h, w] of the module in eval mode. For VectorQuantize, the exact nearest code
+        of its own codebook by vqtok.ops.nearest_code (its forward builds the N x K distance
+        matrix); the first call checks that against the module's own forward."""
+        cb = None if self.training else self._codebook()
+        if cb is None:
+            return self.forward(z).indices
+        from vqtok.ops import nearest_code
+
+        b, d, h, w = z.shape
+        idx = nearest_code(z.flatten(2).transpose(1, 2).reshape(-1, d).float(), cb.float())[0].reshape(b, h, w)
+        if not self.encode_checked:
+            own = self.forward(z[:64]).indices
+            agree = float((own == idx[:64]).float().mean())
+            if agree < 0.999:
+                raise RuntimeError(f"nearest_code agrees with the peer's own indices on only {agree:.4f} of tokens")
+            self.encode_checked = True
+        return idx
+
 
 FSQ_LEVELS = {10: [8, 5, 5, 5], 14: [8, 8, 8, 6, 5], 18: [8, 8, 8, 8, 8, 8]}  # Mentzer et al. table 1 style
 # entropy terms (weight, temperature) of the vqtok rows; the peers' LFQ keeps its own defaults
 FSQ_ENTROPY = dict(entropy_weight=0.3, temperature=0.5)
-LFQ_ENTROPY = dict(entropy_weight=0.3, temperature=0.3)
 BSQ_ENTROPY = dict(entropy_weight=0.1, temperature=0.05)
+
+
+def lfq_entropy(cfg: StudyConfig) -> dict:
+    """The LFQ rows' entropy arguments from ``cfg.lfq_entropy``."""
+    if len(cfg.lfq_entropy) != 3:
+        raise ValueError(f"lfq_entropy is (weight, temperature, per-sample weight), got {cfg.lfq_entropy!r}")
+    weight, temperature, per_sample = cfg.lfq_entropy
+    return dict(entropy_weight=weight, temperature=temperature, per_sample_weight=per_sample)
 
 
 @dataclass
@@ -296,22 +393,23 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
     rows = []
     for b in cfg.sizes:
         k, kr = 2**b, 2 ** (b // 2)
-        restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k))
+        restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k),
+                       estimator=cfg.vq_estimator)
         rows += [
             _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad"),
             _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart),
             _vqtok_row("vq-l2norm-dim8", b, "vq", cfg, k, codebook_size=k, codebook_dim=8, metric="cosine",
                        **restart),
             _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
-                       kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr)),
-            _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=1.0),
+                       kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator),
+            _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std),
             _vqtok_row("bsq", b, "bsq", cfg, bits=b, **BSQ_ENTROPY),
         ]
     for b in (*cfg.sizes, *cfg.big_sizes):
         rows += [
             _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b]),
             _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], **FSQ_ENTROPY),
-            _vqtok_row("lfq", b, "lfq", cfg, bits=b, **LFQ_ENTROPY),
+            _vqtok_row("lfq", b, "lfq", cfg, bits=b, **lfq_entropy(cfg)),
         ]
     return rows
 
@@ -360,6 +458,17 @@ def _rescale_ema_counts(quantizer: nn.Module, ratio: float) -> None:
             sums.mul_(ratio)
 
 
+def learning_rate(cfg: StudyConfig, step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``steps``: constant, or a cosine from
+    ``lr`` down to ``lr * lr_final`` at the last step."""
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    if cfg.lr_decay != "cosine":
+        raise ValueError(f"lr_decay must be 'constant' or 'cosine', got {cfg.lr_decay!r}")
+    t = min(step / max(steps - 1, 1), 1.0)
+    return cfg.lr * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 # --------------------------------------------------------------------------------------------
 # one row: train, then evaluate on the held-out crops
 # --------------------------------------------------------------------------------------------
@@ -368,7 +477,8 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     """Train one row, then evaluate: reconstruction on the ``held_out`` tiles, codebook health on
     every ``dense_views`` view of ``held_out_photos``. A row whose steps (timed over steps
     probe_steps+1 .. 2 probe_steps, after k-means init and warm-up) project past ``max_train_s``
-    trains for the steps that fit in ``max_train_s`` (``steps`` in the result says how many)."""
+    trains for the steps that fit in ``max_train_s`` (``steps`` in the result says how many); any
+    row also stops once its steps have taken ``max_train_s``."""
     from vqtok.evaluate import evaluate
 
     base = {"family": row.family, "impl": row.impl, "log2_codes": row.log2_codes, "setup": row.setup}
@@ -378,7 +488,7 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantizer = row.build(cfg)
-    model = StudyAE(quantizer, cfg.latent_dim, cfg.width)
+    model = StudyAE(quantizer, cfg.latent_dim, cfg.width, cfg.latent_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     train.g.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -389,7 +499,10 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             model.quantizer(model.encoder(train.batch(n)))
             _rescale_ema_counts(model.quantizer, cfg.tokens_per_step / (n * (cfg.crop // 4) ** 2))
     steps = cfg.steps
+    t_steps = time.perf_counter()
     for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step, steps)
         x = train.batch(cfg.batch)
         out = model(x)
         loss = F.mse_loss(out.recon, x) + out.quant.loss
@@ -402,6 +515,10 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             per_step = (time.perf_counter() - t_probe) / cfg.probe_steps
             steps = max(step + 1, min(cfg.steps, int(cfg.max_train_s / per_step)))
         if step + 1 == steps:
+            break
+        if step + 1 >= 2 * cfg.probe_steps and time.perf_counter() - t_steps >= cfg.max_train_s:
+            # steps slower than the probe projected (a neighbour on the cores): stop at the cap
+            steps = step + 1
             break
     train_s = time.perf_counter() - t0
     m = evaluate(model, torch.utils.data.TensorDataset(held_out), batch_size=64, lpips=False, fid=False,
@@ -420,7 +537,8 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             "usage": health["usage"], "perplexity": health["perplexity"], "dead_codes": health["dead_codes"],
             "collapse": health["collapse"], "tokens": health["tokens"], "psnr": m["psnr"], "ssim": m["ssim"],
             "steps": steps, "train_s": train_s, "eval_s": m["seconds"] + time.perf_counter() - t1,
-            "final_loss": float(loss.detach()), "layers": health.get("layers", [])}
+            "final_loss": float(loss.detach()), "layers": health.get("layers", []),
+            "latent_stats_batches": int(model.latent_norm.num_batches_tracked)}  # batches in its running stats
 
 
 def format_table(results: list[dict]) -> str:
@@ -471,6 +589,32 @@ def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: 
     return res
 
 
+def override(cfg: StudyConfig, assignments: list[str]) -> StudyConfig:
+    """``cfg`` with ``KEY=VALUE`` assignments applied; VALUE is parsed as the field's type (tuples
+    as comma-separated lists of numbers). Raises ValueError on an unknown key or a bad value."""
+    fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"--set expects KEY=VALUE with KEY one of {', '.join(fields)}; got {item!r}")
+        current = getattr(FULL, key)  # the field's type (QUICK may hold an empty tuple)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            elif isinstance(current, tuple):
+                value = tuple(type(current[0] if current else 0.0)(v) for v in text.split(",") if v.strip())
+            else:
+                value = type(current)(text)
+        except ValueError:
+            raise ValueError(f"--set {key}: cannot read {text!r} as {type(current).__name__}") from None
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2^10 only, 10 steps")
@@ -481,8 +625,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--held-in-usage", action="store_true",
                     help="also report usage on the dense views of the training photos (column held-in)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a StudyConfig field (repeatable), e.g. --set seed=1 --set max_train_s=60")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
+    try:
+        cfg = override(cfg, args.set)
+    except ValueError as e:
+        ap.error(str(e))
     if args.steps is not None:
         if args.steps < 1:
             ap.error(f"--steps must be >= 1, got {args.steps}")

@@ -82,3 +82,16 @@ def test_state_dict_round_trip_and_reset():
     assert h.summary() == h2.summary()
     h.reset()
     assert int(h.histogram.sum()) == 0 and int(h.steps) == 0
+
+
+def test_perplexity_of_sparse_integer_counts():
+    """Integer histograms skip their zero entries; the value is the float64 formula's."""
+    counts = torch.zeros(1 << 16, dtype=torch.int64)
+    counts[torch.tensor([3, 70, 9000, 65535])] = torch.tensor([5, 1, 2, 9])
+    p = counts.double() / counts.sum()
+    expect = math.exp(-sum(float(x) * math.log(float(x)) for x in p[p > 0]))
+    assert float(perplexity_of(counts)) == pytest.approx(expect, rel=1e-12)
+    assert float(perplexity_of(counts.double())) == pytest.approx(expect, rel=1e-12)
+    assert float(perplexity_of(torch.zeros(8, dtype=torch.int64))) == 1.0
+    two = torch.tensor([[0, 0, 0, 5, 0, 0], [1, 1, 0, 0, 2, 0]])  # batched rows keep their zeros
+    torch.testing.assert_close(perplexity_of(two), torch.tensor([1.0, 2.0 ** 1.5], dtype=torch.float64))

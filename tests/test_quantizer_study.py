@@ -145,3 +145,94 @@ def test_held_in_usage_column(qs, tmp_path, capsys):
     photos = qs.photo_set(qs.TRAIN_PHOTOS, qs.QUICK.scales)
     assert 0 < r["held_in_usage"] <= 1 and r["held_in_tokens"] == qs.dense_token_count(photos, qs.QUICK.eval_tile)
     assert "held-in" in capsys.readouterr().out
+
+
+def test_set_overrides_config_fields(qs):
+    cfg = qs.override(qs.QUICK, ["seed=3", "scales=0.5,1", "big_sizes=18", "lr_decay=cosine",
+                                 "held_in_usage=true", "lfq_entropy=0.2,0.4,0.5"])
+    assert (cfg.seed, cfg.scales, cfg.big_sizes, cfg.lr_decay, cfg.held_in_usage) == (3, (0.5, 1.0), (18,), "cosine", True)
+    assert qs.lfq_entropy(cfg) == dict(entropy_weight=0.2, temperature=0.4, per_sample_weight=0.5)
+    assert cfg.steps == qs.QUICK.steps
+    with pytest.raises(ValueError, match="per-sample"):
+        qs.lfq_entropy(qs.override(qs.FULL, ["lfq_entropy=0.2,0.4"]))
+    assert qs.override(qs.FULL, ["big_sizes="]).big_sizes == ()
+    for bad, match in (("nope=1", "KEY=VALUE"), ("seed", "KEY=VALUE"), ("steps=many", "int"),
+                       ("held_in_usage=maybe", "bool")):
+        with pytest.raises(ValueError, match=match):
+            qs.override(qs.FULL, [bad])
+
+
+def test_learning_rate_schedules(qs):
+    cfg = qs.FULL
+    assert {qs.learning_rate(cfg, s, 100) for s in (0, 50, 99)} == {cfg.lr}
+    cos = dataclasses.replace(cfg, lr_decay="cosine", lr_final=0.1)
+    lrs = [qs.learning_rate(cos, s, 101) for s in range(101)]
+    assert lrs[0] == pytest.approx(cfg.lr) and lrs[50] == pytest.approx(0.55 * cfg.lr)
+    assert lrs[-1] == pytest.approx(0.1 * cfg.lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    with pytest.raises(ValueError, match="lr_decay"):
+        qs.learning_rate(dataclasses.replace(cfg, lr_decay="step"), 0, 10)
+
+
+def test_peer_vq_held_out_indices_are_its_nearest_codes(qs):
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    torch.manual_seed(0)
+    peer = qs.PeerAdapter(vqp.VectorQuantize(dim=4, codebook_size=64, kmeans_init=True, rotation_trick=True), 64, True)
+    peer.train()
+    peer(torch.randn(8, 4, 6, 6))  # k-means init and an EMA step
+    peer.eval()
+    z = torch.randn(70, 4, 5, 5)
+    assert peer._codebook() is not None
+    idx = peer.encode(z)
+    assert peer.encode_checked and idx.shape == (70, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(idx, peer(z).indices)
+    shifted = peer.module._codebook.embed.data[0] - torch.tensor([2.0, 0, 0, 0])
+    peer.encode_checked = False  # the check refuses indices the module's own forward disagrees with
+    peer._codebook = lambda: shifted
+    with pytest.raises(RuntimeError, match="agrees"):
+        peer.encode(z)
+    del peer._codebook
+    fsq = qs.PeerAdapter(vqp.FSQ(levels=[5, 5], dim=4), 25, False).eval()
+    assert fsq._codebook() is None and torch.equal(fsq.encode(z), fsq(z).indices)  # its own forward
+
+
+def test_running_standardize_is_the_same_in_training_and_evaluation(qs):
+    torch.manual_seed(0)
+    norm = qs.RunningStandardize(3, momentum=0.25)
+    a = torch.randn(6, 3, 4, 5) * torch.tensor([2.0, 0.5, 1.0])[:, None, None] + 3
+    y = norm(a)  # the first batch sets the statistics: exactly standardised
+    var, mean = torch.var_mean(a, dim=(0, 2, 3))
+    torch.testing.assert_close(norm.mean, mean)
+    torch.testing.assert_close(norm.var, var)
+    torch.testing.assert_close(y, (a - mean[:, None, None]) / (var[:, None, None] + 1e-5).sqrt())
+    b = torch.randn(6, 3, 4, 5)
+    y_train = norm(b)  # later batches move the statistics by momentum, then apply them
+    var_b, mean_b = torch.var_mean(b, dim=(0, 2, 3))
+    torch.testing.assert_close(norm.mean, 0.75 * mean + 0.25 * mean_b)
+    torch.testing.assert_close(norm.var, 0.75 * var + 0.25 * var_b)
+    norm.eval()
+    torch.testing.assert_close(norm(b), y_train)  # evaluation applies the same statistics
+    assert int(norm.num_batches_tracked) == 2
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    g = torch.randn(2, 3, 4, 4)
+    norm.train()
+    norm(x).backward(g)  # the gradient is BatchNorm's times r = sigma_batch / sigma
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.batch_norm(x2, None, None, training=True, eps=1e-5).backward(g)
+    r = (x.detach().var(dim=(0, 2, 3), correction=0) + 1e-5).sqrt() / (norm.var + 1e-5).sqrt()
+    torch.testing.assert_close(x.grad, x2.grad * r[None, :, None, None])
+    x.grad = None
+    norm(x).sum().backward()  # no gradient along the batch mean
+    assert x.grad.abs().max() < 1e-5
+    with pytest.raises(ValueError, match="norm"):
+        qs.StudyAE(torch.nn.Identity(), 4, 8, norm="layer")
+
+
+@pytest.mark.parametrize("norm", ["running", "batch"])
+def test_latent_norm_choice(qs, norm):
+    cfg = dataclasses.replace(qs.QUICK, steps=3, latent_norm=norm)
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "fsq"][0]
+    r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
+    assert r["steps"] == 3 and r["latent_stats_batches"] == 3

@@ -36,10 +36,12 @@ MAX_TRACKED_CODES = 1 << 24  # the histogram costs 16 bytes per code
 
 def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
     """exp(entropy) of the distribution proportional to counts [..., K] (float64 math, 0 log 0 = 0)."""
+    if counts.ndim == 1 and not counts.is_floating_point():
+        counts = counts[counts > 0]  # a batch's histogram of a large codebook is mostly zeros
     c = counts.to(torch.float64)
     total = c.sum(-1, keepdim=True)
     p = c / total.clamp_min(1e-300)
-    ent = -(torch.where(p > 0, p * torch.log(p.clamp_min(1e-300)), torch.zeros_like(p))).sum(-1)
+    ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # p = 0 gives 0 * log(1e-300) = 0
     return torch.exp(ent)
 
 
@@ -128,8 +130,9 @@ class CodebookHealth(nn.Module):
         """Detached stats: batch usage/perplexity (when counts given) and the running state."""
         k = self.codebook_size
         dev = self.histogram.device
-        dead = self.dead_mask().sum()
-        ema_ppl = perplexity_of(self.corrected_probs()).to(torch.float32) if int(self.steps) else torch.tensor(0.0)
+        probs = self.corrected_probs()
+        dead = (probs < self.dead_ratio / k).sum()  # dead_mask() of these probabilities
+        ema_ppl = perplexity_of(probs).to(torch.float32) if int(self.steps) else torch.tensor(0.0)
         alive = 1.0 - dead.to(torch.float32) / k
         collapse = (alive < self.min_usage) | (ema_ppl.to(dev) < self.min_perplexity * k)
         out = {
