@@ -60,6 +60,23 @@ void bind_nearest(py::module_& m) {
         "exact search; ISA used).");
   m.def("nearest_fast_isa", [] { return std::string(vqtok::nearest_fast_available() ? "amx-bf16" : ""); },
         "The kernel nearest_code_l2(fast=True) can run here: 'amx-bf16', or '' when it runs the exact path.");
+  m.def(
+      "nearest_layout",
+      [](int64_t n, int64_t k, int64_t d) {
+        VQTOK_CHECK(n >= 0 && k >= 1 && d >= 1, "nearest_layout needs n >= 0, k >= 1, d >= 1, got n=" +
+                                                    std::to_string(n) + " k=" + std::to_string(k) + " d=" + std::to_string(d));
+        const vqtok::NearestLayout L = vqtok::nearest_layout(n, k, d);
+        py::dict out;
+        out["rows_per_tile"] = L.rows_per_tile;
+        out["codes_per_chunk"] = L.codes_per_chunk;
+        out["codes_per_panel"] = L.codes_per_panel;
+        out["rows_per_block"] = L.rows_per_block;
+        out["rows_per_super_block"] = L.rows_per_super_block;
+        return out;
+      },
+      py::arg("n"), py::arg("k"), py::arg("d"),
+      "How the exact search at the active SIMD level splits n rows x k codes of d features: "
+      "rows_per_tile, codes_per_chunk, codes_per_panel, rows_per_block, rows_per_super_block (0: none).");
   m.def("nearest_fast_runs", &vqtok::nearest_fast_runs, py::arg("k"), py::arg("d"),
         "True when nearest_code_l2(fast=True) takes the AMX path for k codes of d features (by size; "
         "VQTOK_NEAREST_FAST=always forces it).");

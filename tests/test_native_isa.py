@@ -73,35 +73,73 @@ def test_shapes(isa, precision, n, k, d):
     _check(torch.randn(n, d), torch.randn(k, d), isa, precision)
 
 
+def _layout(n, k, d):
+    from vqtok import _C
+
+    return _C.nearest_layout(n, k, d)
+
+
 def test_multi_panel_ties_across_panel_edge(isa, precision):
-    # d=64 packs 4096 codes per ~1 MiB panel: K=9000 spans three panels; identical codes on
-    # both sides of each panel edge must resolve to the lower index
+    # d=64 packs ~1 MiB of codes per panel (4096 or 4080 codes by the level's chunk width): K=9000
+    # spans three panels; identical codes on both sides of each panel edge take the lower index
     k, d = 9000, 64
+    p = _layout(37, k, d)["codes_per_panel"]
+    assert 2 * p < k
     c = torch.randn(k, d)
     best = torch.randn(d)
-    for p in (4095, 4096, 8191, 8192):
-        c[p] = best
+    for i in (p - 1, p, 2 * p - 1, 2 * p):
+        c[i] = best
     x = best + 1e-3 * torch.randn(37, d)
     idx = _check(x, c, isa, precision)
-    assert (idx == 4095).all()
+    assert (idx == p - 1).all()
+
+
+@pytest.mark.parametrize("d", [8, 16, 40])
+def test_ties_across_every_chunk_edge(isa, precision, d):
+    # a copy of code m*w - 1 at m*w for every chunk edge m (w codes per chunk) up to 1600 codes,
+    # which crosses the small-d kernels' L1 runs of the panel too; query m sits on its pair
+    k = 1700
+    w = _layout(64, k, d)["codes_per_chunk"]
+    c = torch.randn(k, d)
+    edges = list(range(w, 1600, w))
+    for e in edges:
+        c[e] = c[e - 1]
+    x = torch.stack([c[e - 1] for e in edges]) + 1e-4 * torch.randn(len(edges), d)
+    idx = _check(x, c, isa, precision)
+    assert idx.tolist() == [e - 1 for e in edges]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_packed_rows_over_super_blocks_and_panels(isa, dtype):
-    # d=2048: 24-row blocks, 128-code panels, and (past d=128 with several panels) rows packed
-    # once per super-block of 1008 rows; 1100 rows x 300 codes cross both kinds of edge. Rows on
-    # duplicated codes at the panel edges (127, 128, 255, 256) must take the lowest index, in
-    # either super-block.
+    # d=2048: small row blocks, ~128-code panels, and (past d=128 with several panels) rows packed
+    # once per super-block of ~1000 rows; the rows x 300 codes cross both kinds of edge. Rows on
+    # duplicated codes at the panel edges must take the lowest index, in either super-block.
     k, d = 300, 2048
+    L = _layout(1100, k, d)
+    p, mb, sb = L["codes_per_panel"], L["rows_per_block"], L["rows_per_super_block"]
+    assert 2 * p < k and 0 < sb < 1100 and sb % mb == 0
+    n = sb + 92
     c = torch.randn(k, d)
-    for p in (128, 255, 256):
-        c[p] = c[127]
-    x = torch.randn(1100, d)
-    near = [0, 23, 24, 1007, 1008, 1099]  # first/last rows of blocks and of both super-blocks
-    x[near] = c[127] + 1e-3 * torch.randn(len(near), d)
+    for i in (p, 2 * p - 1, 2 * p):
+        c[i] = c[p - 1]
+    x = torch.randn(n, d)
+    near = [0, mb - 1, mb, sb - 1, sb, n - 1]  # first/last rows of blocks and of both super-blocks
+    x[near] = c[p - 1] + 1e-3 * torch.randn(len(near), d)
     x, c = x.to(dtype), c.to(dtype)
     idx = _check(x, c, isa)
-    assert (idx[near] == 127).all()
+    assert (idx[near] == p - 1).all()
+
+
+def test_layout_binding():
+    from vqtok import _C
+
+    L = _layout(100, 5000, 32)
+    assert L["codes_per_panel"] % L["codes_per_chunk"] == 0 and L["rows_per_block"] % L["rows_per_tile"] == 0
+    assert L["rows_per_super_block"] == 0  # d <= 128
+    small = _layout(3, 10, 8)  # fewer codes than a panel holds: one panel of whole chunks
+    assert small["codes_per_panel"] == small["codes_per_chunk"] * -(-10 // small["codes_per_chunk"])
+    with pytest.raises(ValueError, match="k >= 1"):
+        _C.nearest_layout(5, 0, 8)
 
 
 def test_distances_same_bits_at_every_isa(monkeypatch):

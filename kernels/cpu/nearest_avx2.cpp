@@ -1,5 +1,5 @@
-// AVX2 block kernel of the nearest-code search: 8 codes per ymm, 6 rows x 2 ymm micro-tile
-// (12 accumulators of the 16 ymm registers).
+// AVX2 block kernels of the nearest-code search: 8 codes per ymm, 12 accumulators per micro-tile
+// (3 x 4 or 4 x 3 ymm by d).
 #include <immintrin.h>
 
 #include "nearest_tile.h"
@@ -11,6 +11,8 @@ struct Ops256 {
   using V = __m256;
   using I = __m256i;
   static constexpr int W = 8;
+  static constexpr int kRegs = 16;  // vector registers
+  static constexpr int64_t kSweepBytes = 16384;  // small d: row tiles sweep 16 KiB runs of the panel (L1)
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -25,19 +27,44 @@ struct Ops256 {
     s2 = _mm256_min_ps(s2, _mm256_max_ps(b, s));  // the old best or s, whichever is larger
     b = _mm256_min_ps(b, s);
   }
+  // Every lane holds the minimum over the 8 lanes afterwards.
+  static V hmin(V v) {
+    v = _mm256_min_ps(v, _mm256_permute2f128_ps(v, v, 1));
+    v = _mm256_min_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm256_min_ps(v, _mm256_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+  }
+  static I hmini(I v) {
+    v = _mm256_min_epi32(v, _mm256_permute2x128_si256(v, v, 1));
+    v = _mm256_min_epi32(v, _mm256_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm256_min_epi32(v, _mm256_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+  }
+  // reduce_row_generic's answer without its branches: the best, the lowest code among the lanes
+  // equal to it (each lane's code id + lane is distinct) and the minimum of every other value.
   static void reduce_row(const float* pb, const float* ps, const int32_t* pi, float& best,
                          float& sec, int32_t& code) {
-    reduce_row_generic<W>(pb, ps, pi, best, sec, code);
+    const V b = _mm256_loadu_ps(pb), s = _mm256_loadu_ps(ps);
+    const I codes = _mm256_add_epi32(loadi(pi), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const V m = hmin(b);
+    const I eq = _mm256_castps_si256(_mm256_cmp_ps(b, m, _CMP_EQ_OQ));
+    const I c = hmini(_mm256_blendv_epi8(_mm256_set1_epi32(0x7fffffff), codes, eq));
+    const V others = _mm256_blendv_ps(b, _mm256_set1_ps(__builtin_inff()),
+                                      _mm256_castsi256_ps(_mm256_cmpeq_epi32(codes, c)));
+    best = _mm256_cvtss_f32(m);
+    code = _mm256_cvtsi256_si32(c);
+    sec = _mm256_cvtss_f32(hmin(_mm256_min_ps(s, others)));
   }
 };
 
-constexpr int kMr = 6, kNrv = 2;
-
 }  // namespace
 
-const BlockKernel& avx2_kernel(int64_t /*d*/) {
-  static const BlockKernel k{Ops256::W, kMr, kNrv, true, "avx2", &run_block<Ops256, kMr, kNrv>, &pack_rows<kMr>};
-  return k;
+// d <= 16: 3 rows x 4 ymm (each row's 4 score vectors enter the lane state as one minimum), the
+// row tiles sweeping 16 KiB runs of the panel. Larger d: 4 rows x 3 ymm with a lane update per
+// score vector (the winner's group needs no recomputation afterwards). Both hold 12 accumulators
+// of the 16 ymm registers, with the broadcasts (3x4) or the code vectors (4x3) beside them.
+const BlockKernel& avx2_kernel(int64_t d) {
+  static const BlockKernel small{Ops256::W, 3, 4, true, "avx2", &run_block<Ops256, 3, 4>, &pack_rows<3>};
+  static const BlockKernel large{Ops256::W, 4, 3, true, "avx2", &run_block<Ops256, 4, 3, true>, &pack_rows<4>};
+  return d <= 16 ? small : large;
 }
 
 }  // namespace vqtok::nearest_detail

@@ -11,6 +11,8 @@ struct Ops512 {
   using V = __m512;
   using I = __m512i;
   static constexpr int W = 16;
+  static constexpr int kRegs = 32;  // vector registers
+  static constexpr int64_t kSweepBytes = 0;  // small d: row tiles sweep the whole panel
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }

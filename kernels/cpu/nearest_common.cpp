@@ -125,8 +125,8 @@ inline const float* row_f32(const void* p, DType t, int64_t i, int64_t d, float*
 // so the loop runs at the adds' throughput, not their latency; a last half step of 8 goes into
 // s_0 .. s_7), combined as a fixed tree:
 // t_i = s_i + s_{i+8}, u_i = t_i + t_{i+4}, v_i = u_i + u_{i+2}, v_0 + v_1, then the d mod 16 tail
-// in order. Differences and squares of fp32 values in double, each rounded once (no FMA). The SSE2
-// and AVX-512 versions run exactly these operations, so every CPU gives the same bits.
+// in order. Differences and squares of fp32 values in double, each rounded once (no FMA). The SSE2,
+// AVX2 and AVX-512 versions run exactly these operations, so every CPU gives the same bits.
 inline __m128d cvt_lo(__m128 v) { return _mm_cvtps_pd(v); }
 inline __m128d cvt_hi(__m128 v) { return _mm_cvtps_pd(_mm_movehl_ps(v, v)); }
 
@@ -185,6 +185,27 @@ __attribute__((target("avx512f"))) double sq_dist_avx512(const float* __restrict
   return tail_sq(x, c, j, d, _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))));
 }
 
+// The same operations on 4-double vectors: a[q] holds s_4q .. s_4q+3, and the tree's first two
+// levels add whole vectors (t = a0 + a2, a1 + a3; u = t0 + t1), so the bits are the SSE2 version's.
+__attribute__((target("avx2"))) double sq_dist_avx2(const float* __restrict x, const float* __restrict c, int64_t d) {
+  __m256d a[4];
+  for (auto& v : a) v = _mm256_setzero_pd();
+  auto step = [&](int64_t j, int q) {
+    const __m256d e = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + j + 4 * q)), _mm256_cvtps_pd(_mm_loadu_ps(c + j + 4 * q)));
+    a[q] = _mm256_add_pd(a[q], _mm256_mul_pd(e, e));
+  };
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16)
+    for (int q = 0; q < 4; ++q) step(j, q);
+  if (j + 8 <= d) {  // one half step into s_0 .. s_7
+    step(j, 0), step(j, 1);
+    j += 8;
+  }
+  const __m256d u = _mm256_add_pd(_mm256_add_pd(a[0], a[2]), _mm256_add_pd(a[1], a[3]));
+  const __m128d v = _mm_add_pd(_mm256_castpd256_pd128(u), _mm256_extractf128_pd(u, 1));
+  return tail_sq(x, c, j, d, _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))));
+}
+
 // |x|_1 and |x|_2^2 in double, for the certificate (any summation order will do: the bound carries
 // a relative margin far above the rounding of a d-term sum).
 void l1_l2_sse2(const float* __restrict x, int64_t d, double* l1, double* l2) {
@@ -231,14 +252,35 @@ __attribute__((target("avx512f"))) void l1_l2_avx512(const float* __restrict x, 
   *l1 = s1, *l2 = s2;
 }
 
+__attribute__((target("avx2"))) void l1_l2_avx2(const float* __restrict x, int64_t d, double* l1, double* l2) {
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  __m256d p0 = _mm256_setzero_pd(), p1 = p0, q0 = p0, q1 = p0;
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    const __m256d v0 = _mm256_cvtps_pd(_mm_loadu_ps(x + j)), v1 = _mm256_cvtps_pd(_mm_loadu_ps(x + j + 4));
+    p0 = _mm256_add_pd(p0, _mm256_andnot_pd(sign, v0)), p1 = _mm256_add_pd(p1, _mm256_andnot_pd(sign, v1));
+    q0 = _mm256_add_pd(q0, _mm256_mul_pd(v0, v0)), q1 = _mm256_add_pd(q1, _mm256_mul_pd(v1, v1));
+  }
+  const __m256d p = _mm256_add_pd(p0, p1), q = _mm256_add_pd(q0, q1);
+  const __m128d p2 = _mm_add_pd(_mm256_castpd256_pd128(p), _mm256_extractf128_pd(p, 1));
+  const __m128d q2 = _mm_add_pd(_mm256_castpd256_pd128(q), _mm256_extractf128_pd(q, 1));
+  double s1 = _mm_cvtsd_f64(_mm_add_sd(p2, _mm_unpackhi_pd(p2, p2)));
+  double s2 = _mm_cvtsd_f64(_mm_add_sd(q2, _mm_unpackhi_pd(q2, q2)));
+  for (; j < d; ++j) {
+    const double v = static_cast<double>(x[j]);
+    s1 += std::fabs(v), s2 += v * v;
+  }
+  *l1 = s1, *l2 = s2;
+}
+
 // The direct-form helpers of one search, at the widest level VQTOK_ISA allows (chosen once).
 struct DirectForm {
   double (*dist)(const float*, const float*, int64_t);
   void (*norms)(const float*, int64_t, double*, double*);
   DirectForm() {
-    const bool wide = active_isa() == Isa::Avx512;
-    dist = wide ? &sq_dist_avx512 : &sq_dist_sse2;
-    norms = wide ? &l1_l2_avx512 : &l1_l2_sse2;
+    const Isa isa = active_isa();
+    dist = isa == Isa::Avx512 ? &sq_dist_avx512 : isa == Isa::Avx2 ? &sq_dist_avx2 : &sq_dist_sse2;
+    norms = isa == Isa::Avx512 ? &l1_l2_avx512 : isa == Isa::Avx2 ? &l1_l2_avx2 : &l1_l2_sse2;
   }
 };
 
@@ -259,6 +301,25 @@ double direct_dist(const DirectForm& df, const float* xr, const void* cb, DType 
   return df.dist(xr, row_f32(cb, t, i, d, tmp), d);
 }
 
+// Where the exact search cuts its work for n rows, k codes and d features with kernel kern (the
+// tiles, panels and row blocks that near-tie tests place duplicates across).
+NearestLayout layout_of(const BlockKernel& kern, int64_t n, int64_t k, int64_t d) {
+  NearestLayout L;
+  L.rows_per_tile = kern.mr;
+  L.codes_per_chunk = int64_t{kern.width} * kern.nrv;
+  // ~1 MiB of packed codes per panel: fits each core's L2 next to the streaming rows.
+  L.codes_per_panel = std::max<int64_t>(L.codes_per_chunk, (int64_t{1} << 20) / (4 * d) / L.codes_per_chunk * L.codes_per_chunk);
+  L.codes_per_panel = std::min(L.codes_per_panel, round_up(k, L.codes_per_chunk));
+  // Row blocks of the main pass: ~64 KiB of rows (at least 16 micro-tiles for small d).
+  L.rows_per_block = std::clamp<int64_t>(16384 / d / kern.mr * kern.mr, int64_t{kern.mr} * 2,
+                                         int64_t{kern.mr} * kMaxBlockTiles);
+  L.rows_per_block = std::min(L.rows_per_block, round_up(std::max<int64_t>(n, 1), kern.mr));
+  // Past d = 128 with more than one panel, rows are packed once per super-block (~8 MiB).
+  if (d > 128 && k > L.codes_per_panel)
+    L.rows_per_super_block = std::max<int64_t>(1, (int64_t{2} << 20) / (L.rows_per_block * d)) * L.rows_per_block;
+  return L;
+}
+
 // Everything one search needs; the panel buffers are shared by the threads.
 struct Search {
   const BlockKernel& kern;
@@ -275,9 +336,7 @@ struct Search {
   Search(const BlockKernel& kr, const void* x_, const void* cb_, DType t, int64_t n_, int64_t k_,
          int64_t d_)
       : kern(kr), x(x_), cb(cb_), dtype(t), n(n_), k(k_), d(d_), cw(int64_t{kr.width} * kr.nrv) {
-    // ~1 MiB of packed codes per panel: fits each core's L2 next to the streaming rows.
-    kp = std::max<int64_t>(cw, (int64_t{1} << 20) / (4 * d) / cw * cw);
-    kp = std::min(kp, round_up(k, cw));
+    kp = layout_of(kr, n, k, d).codes_per_panel;
     cnorm.resize(static_cast<size_t>(k));
     panel = grow_aligned64(panel_v, kp * d);
     pnorm = grow_aligned64(pnorm_v, kp);
@@ -341,9 +400,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   // other inputs take the plain direct-form scan.
   const bool huge = cs.norm2_max > 1e36;
 
-  // Row blocks of the main pass: ~64 KiB of rows (at least 16 micro-tiles for small d).
-  int64_t mb = std::clamp<int64_t>(16384 / d / mr * mr, int64_t{mr} * 2, int64_t{mr} * kMaxBlockTiles);
-  mb = std::min(mb, round_up(n, mr));
+  const NearestLayout geo = layout_of(S.kern, n, k, d);
+  const int64_t mb = geo.rows_per_block;
   const int64_t nblocks = (n + mb - 1) / mb;
   // Rows re-decided by scores are processed fb at a time (scores buffer fb x kp floats).
   const int64_t fb = int64_t{mr} * 2;
@@ -370,8 +428,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   // into xpk, a super-block of sb rows (whole blocks, ~8 MiB) that then meets every panel; the
   // panels are packed again per super-block. Otherwise each block is packed per panel into its
   // thread's own buffer, which stays in L1 (measured faster there than reading a super-block back).
-  const bool packed_rows = d > 16, reuse_rows = d > 128 && k > S.kp;
-  const int64_t sb = reuse_rows ? std::max<int64_t>(1, (int64_t{2} << 20) / (mb * d)) * mb : round_up(n, mb);
+  const bool packed_rows = d > 16, reuse_rows = geo.rows_per_super_block > 0;
+  const int64_t sb = reuse_rows ? geo.rows_per_super_block : round_up(n, mb);
   // A recycled HostBuffer: a fresh 8 MiB vector would cost a zero fill and ~2k page faults per call.
   std::unique_ptr<HostBuffer> xpk_buf;
   if (reuse_rows)
@@ -387,6 +445,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     std::vector<float> xbuf(static_cast<size_t>(std::max(mb, fb) * d));
     std::vector<float> crow(static_cast<size_t>(d)), xrow(static_cast<size_t>(d));
     std::vector<float> xloc(packed_rows && !reuse_rows ? static_cast<size_t>(mb * d) : 0);
+    std::vector<int64_t> local_redo;  // this thread's rows whose gap is inside the bound
 
     // 1. fp32 scores, best / second per row; packed rows as described above, each block's
     // certificate bound taken while its rows are in cache.
@@ -406,22 +465,29 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
           BlockArgs a{xq, rpad, rows, d, S.panel, S.pnorm, nch, static_cast<int32_t>(c0),
                       gbest.data() + r0, gsec.data() + r0, gidx.data() + r0, nullptr, 0, xp};
           S.kern.run(a);
+          if (c0 + S.kp < k) continue;
+          // 2. The block's last panel, its rows still in cache: the certificate (a gap above 2E
+          // proves the winner) and, for proven rows, the outputs; the others are re-decided.
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t g = r0 + r;
+            if (!packed_rows) bound[g] = row_bound(xq + r * d);
+            const double gap = static_cast<double>(gsec[g]) - static_cast<double>(gbest[g]);
+            if (!(gap > 2.0 * bound[g])) {
+              local_redo.push_back(g);
+              continue;
+            }
+            out_idx[g] = gidx[g];
+            out_dist[g] = static_cast<float>(direct_dist(df, xq + r * d, codebook, dtype, gidx[g], d, crow.data()));
+          }
         }
       }
     }
-
-    // 2. Certificate: a gap above 2E proves the winner; the others are re-decided. (Rows that
-    // were packed got their bound while they were in cache.)
-    if (!packed_rows) {
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < n; ++r) bound[r] = row_bound(row_f32(x, dtype, r, d, xrow.data()));
-    }
+#pragma omp critical
+    redo.insert(redo.end(), local_redo.begin(), local_redo.end());
+#pragma omp barrier
 #pragma omp single
     {
-      for (int64_t r = 0; r < n; ++r) {
-        const double gap = static_cast<double>(gsec[r]) - static_cast<double>(gbest[r]);
-        if (!(gap > 2.0 * bound[r])) redo.push_back(r);
-      }
+      std::sort(redo.begin(), redo.end());
       redo_dist.assign(redo.size(), std::numeric_limits<double>::infinity());
     }  // implicit barrier
 
@@ -468,9 +534,10 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
       }
     }
 
-    // 4. Outputs: the winner's direct-form distance.
+    // 4. Outputs of the re-decided rows: the winner's direct-form distance.
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < n; ++r) {
+    for (int64_t i = 0; i < nredo; ++i) {
+      const int64_t r = redo[i];
       out_idx[r] = gidx[r];
       out_dist[r] = static_cast<float>(
           direct_dist(df, row_f32(x, dtype, r, d, xrow.data()), codebook, dtype, gidx[r], d, crow.data()));
@@ -689,6 +756,10 @@ bool nearest_fast_runs(int64_t k, int64_t d) {
   // store and a test: below ~k d^2 = 2^19 (d = 8: 8192 codes; d = 16: 2048; d = 32: 512) the
   // fp32 register kernel is as fast or faster (measured on a 2-core Sapphire Rapids).
   return k * d * d >= (int64_t{1} << 19);
+}
+
+NearestLayout nearest_layout(int64_t n, int64_t k, int64_t d) {
+  return nearest_detail::layout_of(nearest_detail::pick_kernel(d), n, k, d);
 }
 
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,

@@ -7,6 +7,7 @@
 // the score vectors into the rows' lane state (or stores them, in scores mode).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "nearest_kernels.h"
@@ -40,16 +41,31 @@ __attribute__((always_inline)) inline void tile_body(const float* __restrict xq,
       for (int r = 0; r < MR; ++r) acc[r][v] = O::fmadd(O::set1(xat(r, 0)), cv[v], nv);
     }
   }
+  // Codes first (NRV code vectors live, one broadcast at a time) when that fits the register file
+  // next to the accumulators; otherwise broadcasts first (MR live, one code vector at a time).
+  constexpr bool kBcastFirst = MR * NRV + NRV + 1 > O::kRegs;
 #pragma GCC unroll 4
   for (int64_t j = 1; j < d; ++j) {
-    V cv[NRV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NRV; ++v) cv[v] = O::load(cp + j * CW + v * W);
+    if constexpr (kBcastFirst) {
+      V xb[MR];
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      const V xb = O::set1(xat(r, j));
+      for (int r = 0; r < MR; ++r) xb[r] = O::set1(xat(r, j));
 #pragma GCC unroll 8
-      for (int v = 0; v < NRV; ++v) acc[r][v] = O::fmadd(xb, cv[v], acc[r][v]);
+      for (int v = 0; v < NRV; ++v) {
+        const V cv = O::load(cp + j * CW + v * W);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; ++r) acc[r][v] = O::fmadd(xb[r], cv, acc[r][v]);
+      }
+    } else {
+      V cv[NRV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NRV; ++v) cv[v] = O::load(cp + j * CW + v * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        const V xb = O::set1(xat(r, j));
+#pragma GCC unroll 8
+        for (int v = 0; v < NRV; ++v) acc[r][v] = O::fmadd(xb, cv[v], acc[r][v]);
+      }
     }
   }
   if constexpr (kScores) {
@@ -132,12 +148,15 @@ void run_block(const BlockArgs& a) {
                                   ls + r0 * W, li + r0 * W, nullptr, 0);
   };
   if (d <= 16) {
-    for (int64_t r0 = 0; r0 < a.rows; r0 += MR) {
-      auto sweep = d == 8 ? &micro_sweep<O, MR, NRV, 8>
-                   : d == 16 ? &micro_sweep<O, MR, NRV, 16> : &micro_sweep<O, MR, NRV, 0>;
-      sweep(a.xq + r0 * d, d, a.panel, a.norms, a.nchunks, a.code_base, lb + r0 * W,
-            ls + r0 * W, li + r0 * W);
-    }
+    // The row tiles sweep runs of O::kSweepBytes of the panel (all of it when 0): a run stays in
+    // L1 while every tile of the block passes over it (for L2s too small to hold the panel).
+    const int64_t run = O::kSweepBytes > 0 ? std::max<int64_t>(1, O::kSweepBytes / (4 * d * CW)) : a.nchunks;
+    auto sweep = d == 8 ? &micro_sweep<O, MR, NRV, 8>
+                 : d == 16 ? &micro_sweep<O, MR, NRV, 16> : &micro_sweep<O, MR, NRV, 0>;
+    for (int64_t q0 = 0; q0 < a.nchunks; q0 += run)
+      for (int64_t r0 = 0; r0 < a.rows; r0 += MR)
+        sweep(a.xq + r0 * d, d, a.panel + q0 * d * CW, a.norms + q0 * CW, std::min(run, a.nchunks - q0),
+              a.code_base + static_cast<int32_t>(q0 * CW), lb + r0 * W, ls + r0 * W, li + r0 * W);
   } else {
     for (int64_t q = 0; q < a.nchunks; ++q)
       for (int64_t r0 = 0; r0 < a.rows; r0 += MR) tile(r0, q);

@@ -45,4 +45,14 @@ bool nearest_fast_runs(int64_t k, int64_t d);
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool fast, int64_t* out_idx, float* out_dist);
 
+// How the exact search at the active SIMD level splits n rows x k codes of d features: rows per
+// micro-tile, codes per packed chunk and per panel (panels are searched in ascending order), rows
+// per block (the unit of OpenMP work) and, when rows are packed once per super-block (d > 128
+// with several panels), rows per super-block (else 0).
+struct NearestLayout {
+  int64_t rows_per_tile = 0, codes_per_chunk = 0, codes_per_panel = 0, rows_per_block = 0;
+  int64_t rows_per_super_block = 0;
+};
+NearestLayout nearest_layout(int64_t n, int64_t k, int64_t d);
+
 }  // namespace vqtok
