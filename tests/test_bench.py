@@ -73,3 +73,37 @@ def test_plot_nearest_from_measured_rows(tmp_path):
     assert table.splitlines()[0].split() == ["D", "K", "backend", "ms", "gflops", "frac_peak"]
     assert len(table.splitlines()) == 2 + len(rows)
     assert plot_nearest([{"op": "fsq", "ms": 1.0}], tmp_path / "none.png") is None
+
+
+def test_nearest_backends_take_turns_call_by_call():
+    from vqtok.bench.nearest import _time_interleaved
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name) or name) for name in ("a", "b", "c")}
+    out = _time_interleaved(fns, reps=3)
+    assert calls == ["a", "b", "c"] * 3
+    assert {name: o for name, (t, o) in out.items()} == {"a": "a", "b": "b", "c": "c"}
+    assert all(t >= 0 for t, _ in out.values())
+
+
+@pytest.mark.skipif(unavailable_reason("cpp") is not None, reason="cpp backend not built")
+def test_nearest_suite_rows_and_failed_baseline(monkeypatch):
+    from vqtok.bench import nearest
+
+    real = nearest.make_runner
+
+    def runner(cfg, b, x, c):
+        if b == "torch_addmm":
+            raise RuntimeError("no such kernel here")
+        return real(cfg, b, x, c)
+
+    monkeypatch.setattr(nearest, "make_runner", runner)
+    cfg = nearest.NearestBenchConfig(n=300, dims=(8, 33), codes=(70,), fused_codes=(), reps=2, memory=False,
+                                     backends=("cpp", "torch_cdist", "torch_addmm"))
+    rows = nearest.run(cfg=cfg, progress=False)
+    assert [(r["D"], r["backend"]) for r in rows] == [(d, b) for d in (8, 33) for b in cfg.backends]
+    for r in rows:
+        if r["backend"] == "torch_addmm":
+            assert "ms" not in r and r["note"].startswith("failed: RuntimeError")
+        else:
+            assert r["ms"] > 0 and r["agree"] == 1.0 and r["gflops"] > 0

@@ -1,7 +1,8 @@
 """`vqtok bench` suite: exact nearest-code search (vqtok ``cpp``) against FAISS and plain torch.
 
 Each case is one (N, D, K) of fp32 Gaussian rows and codes. Per backend: median wall time of
-``reps`` calls after one warm-up, GFLOP/s = 2 N K D / t (the FMA work of all N x K dot products,
+``reps`` calls after one warm-up (the backends of a case take turns call by call, so drift in the
+machine's speed falls on all of them alike), GFLOP/s = 2 N K D / t (the FMA work of all N x K dot products,
 whatever the method actually executes), the time ratio against FAISS ``IndexFlatL2`` k=1 (below 1
 is faster than FAISS), the fraction of the machine's measured fp32 FMA peak when the bench
 framework provides one (``vqtok.bench.machine``), the share of indices equal to vqtok's exact
@@ -136,19 +137,13 @@ def make_runner(cfg: NearestBenchConfig, backend: str, x: torch.Tensor, c: torch
 
 
 def _fma_peak_gflops() -> float | None:
-    """The bench framework's measured fp32 FMA peak (GFLOP/s), when it provides one."""
+    """The machine's measured fp32 FMA peak in GFLOP/s (``vqtok.bench.machine.fma_peak``)."""
     try:
-        from vqtok.bench import machine  # owned by the bench framework
-    except Exception:
+        from vqtok.bench import machine
+
+        return float(machine.fma_peak(0.3)[0])
+    except Exception:  # the table then leaves the column empty
         return None
-    for name in ("fma_peak_gflops", "fp32_peak_gflops", "peak_gflops"):
-        fn = getattr(machine, name, None)
-        if callable(fn):
-            try:
-                return float(fn())
-            except Exception:
-                return None
-    return None
 
 
 def _fast_kernel(k: int, d: int) -> str:
@@ -163,14 +158,18 @@ def _fast_kernel(k: int, d: int) -> str:
     return "fp32 kernel" + (" (k d^2 < 2^19)" if c.nearest_fast_isa() else " (no AMX-BF16)")
 
 
-def _time(fn, reps: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up
-    ts = []
+def _time_interleaved(fns: dict, reps: int) -> dict:
+    """{name: (median seconds, output)} of the no-argument callables in ``fns`` (already warmed
+    up): ``reps`` rounds that call every one of them in turn, so that a slow spell of the machine
+    (another tenant on the cores, a clock change) falls on every backend alike instead of on
+    whichever ran during it."""
+    outs, ts = {}, {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts[name]), outs[name]) for name in fns}
 
 
 # ---- memory: one subprocess per backend --------------------------------------------------------
@@ -215,6 +214,15 @@ def measure_memory(cfg: NearestBenchConfig, backend: str, shapes: list[tuple[int
 
 
 # ---- the suite ------------------------------------------------------------------------------------
+def _progress(groups: dict, progress: bool):
+    """The (shape, backends) items of ``groups``, under a progress bar when tqdm is installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return groups.items()
+    return tqdm(groups.items(), desc="nearest_code bench", unit="shape", disable=not progress)
+
+
 def run(quick: bool = False, backends=None, cfg: NearestBenchConfig | None = None, progress: bool = True) -> list[dict]:
     """Runs the grid; returns one dict per (D, K, backend) (see the module docstring)."""
     cfg = cfg or (NearestBenchConfig.quick() if quick else NearestBenchConfig())
@@ -224,41 +232,40 @@ def run(quick: bool = False, backends=None, cfg: NearestBenchConfig | None = Non
     peak = _fma_peak_gflops()
     todo = cases(cfg)
     rows: list[dict] = []
-    try:
-        from tqdm import tqdm
-
-        it = tqdm(todo, desc="nearest_code bench", disable=not progress)
-    except ImportError:
-        it = todo
-    data_key, data, exact, faiss_ms = None, None, None, {}
-    for d, k, b in it:
-        if (d, k) != data_key:
-            data_key, data, exact = (d, k), _data(cfg, d, k), None
-        x, c = data
-        row = {"N": cfg.n, "D": d, "K": k, "backend": b, "gflop": round(2 * cfg.n * k * d / 1e9, 2)}
-        why = _skip_reason(cfg, b, cfg.n, k)
-        if why is not None:
-            row["note"] = why
-            rows.append(row)
-            continue
-        try:
-            t, idx = _time(make_runner(cfg, b, x, c), cfg.reps)
-        except Exception as e:  # a baseline that cannot run here is reported, not fatal
-            row["note"] = f"failed: {type(e).__name__}: {e}"[:120]
-            rows.append(row)
-            continue
-        if exact is None:
-            exact = nearest_code(x, c, backend="cpp")[0]
-        row["ms"] = round(t * 1e3, 2)
-        row["gflops"] = round(2 * cfg.n * k * d / t / 1e9, 1)
-        row["agree"] = round((idx.to(torch.int64) == exact).double().mean().item(), 5)
-        if peak:
-            row["peak_frac"] = round(row["gflops"] / peak, 3)
-        if b == "faiss":
-            faiss_ms[(d, k)] = row["ms"]
-        if b == "cpp_fast":
-            row["note"] = _fast_kernel(k, d)
-        rows.append(row)
+    faiss_ms = {}
+    groups: dict[tuple[int, int], list[str]] = {}
+    for d, k, b in todo:  # every backend of one shape is timed in the same rounds
+        groups.setdefault((d, k), []).append(b)
+    for (d, k), names in _progress(groups, progress):
+        x, c = _data(cfg, d, k)
+        shape_rows, runners = {}, {}
+        for b in names:
+            row = {"N": cfg.n, "D": d, "K": k, "backend": b, "gflop": round(2 * cfg.n * k * d / 1e9, 2)}
+            shape_rows[b] = row
+            why = _skip_reason(cfg, b, cfg.n, k)
+            if why is not None:
+                row["note"] = why
+                continue
+            try:
+                runners[b] = make_runner(cfg, b, x, c)
+                runners[b]()  # warm-up; a baseline that cannot run here is reported, not fatal
+            except Exception as e:
+                row["note"] = f"failed: {type(e).__name__}: {e}"[:120]
+                runners.pop(b, None)
+        timed = _time_interleaved(runners, cfg.reps) if runners else {}
+        exact = nearest_code(x, c, backend="cpp")[0] if timed else None
+        for b, (t, idx) in timed.items():
+            row = shape_rows[b]
+            row["ms"] = round(t * 1e3, 2)
+            row["gflops"] = round(2 * cfg.n * k * d / t / 1e9, 1)
+            row["agree"] = round((idx.to(torch.int64) == exact).double().mean().item(), 5)
+            if peak:
+                row["peak_frac"] = round(row["gflops"] / peak, 3)
+            if b == "faiss":
+                faiss_ms[(d, k)] = row["ms"]
+            if b == "cpp_fast":
+                row["note"] = _fast_kernel(k, d)
+        rows += [shape_rows[b] for b in names]
     for row in rows:
         f = faiss_ms.get((row["D"], row["K"]))
         if f and "ms" in row:
