@@ -13,6 +13,7 @@ struct Ops256 {
   static constexpr int W = 8;
   static constexpr int kRegs = 16;  // vector registers
   static constexpr int64_t kSweepBytes = 16384;  // small d: row tiles sweep 16 KiB runs of the panel (L1)
+  static constexpr int64_t kSweepMaxD = 32;  // row tiles sweep the panel up to this d
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
@@ -57,13 +58,16 @@ struct Ops256 {
 
 }  // namespace
 
-// d <= 16: 3 rows x 4 ymm (each row's 4 score vectors enter the lane state as one minimum), the
-// row tiles sweeping 16 KiB runs of the panel. Larger d: 4 rows x 3 ymm with a lane update per
-// score vector (the winner's group needs no recomputation afterwards). Both hold 12 accumulators
-// of the 16 ymm registers, with the broadcasts (3x4) or the code vectors (4x3) beside them.
+// d <= 16: 3 rows x 4 ymm, each row's 4 score vectors entering the lane state as one minimum.
+// Larger d: 4 rows x 3 ymm with a lane update per score vector (the winner's group needs no
+// recomputation afterwards). Both hold 12 accumulators of the 16 ymm registers, with the
+// broadcasts (3x4) or the code vectors (4x3) beside them. Up to d = 32 the row tiles read their
+// rows in place and sweep 16 KiB runs of the panel (L1; this level's L2 may not hold a panel).
 const BlockKernel& avx2_kernel(int64_t d) {
-  static const BlockKernel small{Ops256::W, 3, 4, true, "avx2", &run_block<Ops256, 3, 4>, &pack_rows<3>};
-  static const BlockKernel large{Ops256::W, 4, 3, true, "avx2", &run_block<Ops256, 4, 3, true>, &pack_rows<4>};
+  static const BlockKernel small{Ops256::W, 3, 4, true, "avx2", &run_block<Ops256, 3, 4>, &pack_rows<3>,
+                                 Ops256::kSweepMaxD};
+  static const BlockKernel large{Ops256::W, 4, 3, true, "avx2", &run_block<Ops256, 4, 3, true>, &pack_rows<4>,
+                                 Ops256::kSweepMaxD};
   return d <= 16 ? small : large;
 }
 

@@ -13,6 +13,7 @@ struct Ops512 {
   static constexpr int W = 16;
   static constexpr int kRegs = 32;  // vector registers
   static constexpr int64_t kSweepBytes = 0;  // small d: row tiles sweep the whole panel
+  static constexpr int64_t kSweepMaxD = 16;  // row tiles sweep the panel up to this d
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }

@@ -423,12 +423,13 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     return gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
   };
 
-  // Past d = 16 the tiles read rows packed feature-major (pack_rows). Past d = 128 (where the
-  // packing is a larger share of a panel's work), with more than one panel, they are packed once
-  // into xpk, a super-block of sb rows (whole blocks, ~8 MiB) that then meets every panel; the
-  // panels are packed again per super-block. Otherwise each block is packed per panel into its
-  // thread's own buffer, which stays in L1 (measured faster there than reading a super-block back).
-  const bool packed_rows = d > 16, reuse_rows = geo.rows_per_super_block > 0;
+  // Past the kernel's sweep_max_d (16, or 32 for AVX2) the tiles read rows packed feature-major
+  // (pack_rows). Past d = 128 (where the packing is a larger share of a panel's work), with more
+  // than one panel, they are packed once into xpk, a super-block of sb rows (whole blocks, ~8 MiB)
+  // that then meets every panel; the panels are packed again per super-block. Otherwise each block
+  // is packed per panel into its thread's own buffer, which stays in L1 (measured faster there than
+  // reading a super-block back).
+  const bool packed_rows = d > S.kern.sweep_max_d, reuse_rows = geo.rows_per_super_block > 0;
   const int64_t sb = reuse_rows ? geo.rows_per_super_block : round_up(n, mb);
   // A recycled HostBuffer: a fresh 8 MiB vector would cost a zero fill and ~2k page faults per call.
   std::unique_ptr<HostBuffer> xpk_buf;

@@ -33,7 +33,7 @@ struct BlockArgs {
   // to scores[r*ld + code - code_base] and leaves gbest / gsec / gidx alone.
   float* scores;
   int64_t ld;
-  // d > 16, scores mode off: the same rows packed by pack_rows (tile t of MR rows at xp + t*MR*d,
+  // d > sweep_max_d, scores mode off: the same rows packed by pack_rows (tile t of MR rows at xp + t*MR*d,
   // feature-major: xp[t*MR*d + j*MR + r] = row t*MR + r, feature j).
   const float* xp = nullptr;
 };
@@ -50,6 +50,9 @@ struct BlockKernel {
   // Packs rows [0, rows) of xq (row-major, rows a multiple of mr) feature-major per mr-row tile,
   // the layout BlockArgs::xp holds.
   void (*pack_rows)(const float* xq, int64_t rows, int64_t d, float* xp);
+  // d <= sweep_max_d: row tiles read rows row-major and sweep the panel's chunks; larger d: each
+  // chunk meets the block's tiles, whose rows come packed (BlockArgs::xp).
+  int64_t sweep_max_d = 16;
 };
 
 // The kernel for feature dim d (a level may pick its micro-tile shape by d).

@@ -20,6 +20,7 @@ struct OpsScalar {
   static constexpr int W = 8;
   static constexpr int kRegs = 1024;  // vector registers (scalar lanes: no limit)
   static constexpr int64_t kSweepBytes = 0;  // small d: row tiles sweep the whole panel
+  static constexpr int64_t kSweepMaxD = 16;  // row tiles sweep the panel up to this d
   static V load(const float* p) {
     V r;
     for (int l = 0; l < W; ++l) r.v[l] = p[l];

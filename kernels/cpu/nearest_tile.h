@@ -109,13 +109,13 @@ __attribute__((noinline)) void micro_tile(const float* xq, int64_t d, const floa
 
 // Small d: one row tile sweeps all chunks of the panel in one call (DC = d when it is a
 // compile-time size, so the feature loop unrolls completely).
-template <class O, int MR, int NRV, int DC>
+template <class O, int MR, int NRV, int DC, bool kGroupIds>
 __attribute__((noinline)) void micro_sweep(const float* xq, int64_t d, const float* panel,
                                            const float* norms, int64_t nchunks, int32_t base,
                                            float* best, float* second, int32_t* idx) {
   constexpr int CW = NRV * O::W;
   for (int64_t q = 0; q < nchunks; ++q)
-    tile_body<O, MR, NRV, false, DC>(xq, d, panel + q * d * CW, norms + q * CW,
+    tile_body<O, MR, NRV, false, DC, kGroupIds>(xq, d, panel + q * d * CW, norms + q * CW,
                                      base + static_cast<int32_t>(q * CW), best, second, idx,
                                      nullptr, 0);
 }
@@ -140,19 +140,22 @@ void run_block(const BlockArgs& a) {
   alignas(64) float lb[kMaxBlockTiles * MR * W], ls[kMaxBlockTiles * MR * W];
   alignas(64) int32_t li[kMaxBlockTiles * MR * W];
   for (int64_t i = 0; i < a.rows * W; ++i) lb[i] = ls[i] = __builtin_inff(), li[i] = 0;
-  // Past d = 16 the tiles read the block's rows packed feature-major (a.xp, see BlockArgs).
+  // Past O::kSweepMaxD the tiles read the block's rows packed feature-major (a.xp, see BlockArgs).
   const float* xp = a.xp;
   auto tile = [&](int64_t r0, int64_t q) {
     micro_tile<O, MR, NRV, false, kGroupIds, true>(xp + r0 * d, d, a.panel + q * d * CW, a.norms + q * CW,
                                   a.code_base + static_cast<int32_t>(q * CW), lb + r0 * W,
                                   ls + r0 * W, li + r0 * W, nullptr, 0);
   };
-  if (d <= 16) {
+  if (d <= O::kSweepMaxD) {
     // The row tiles sweep runs of O::kSweepBytes of the panel (all of it when 0): a run stays in
     // L1 while every tile of the block passes over it (for L2s too small to hold the panel).
     const int64_t run = O::kSweepBytes > 0 ? std::max<int64_t>(1, O::kSweepBytes / (4 * d * CW)) : a.nchunks;
-    auto sweep = d == 8 ? &micro_sweep<O, MR, NRV, 8>
-                 : d == 16 ? &micro_sweep<O, MR, NRV, 16> : &micro_sweep<O, MR, NRV, 0>;
+    constexpr int D32 = O::kSweepMaxD >= 32 ? 32 : 0;  // compiled only where the sweep reaches d = 32
+    auto sweep = d == 8 ? &micro_sweep<O, MR, NRV, 8, kGroupIds>
+                 : d == 16 ? &micro_sweep<O, MR, NRV, 16, kGroupIds>
+                 : d == 32 ? &micro_sweep<O, MR, NRV, D32, kGroupIds>
+                 : &micro_sweep<O, MR, NRV, 0, kGroupIds>;
     for (int64_t q0 = 0; q0 < a.nchunks; q0 += run)
       for (int64_t r0 = 0; r0 < a.rows; r0 += MR)
         sweep(a.xq + r0 * d, d, a.panel + q0 * d * CW, a.norms + q0 * CW, std::min(run, a.nchunks - q0),
