@@ -406,9 +406,14 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   // Rows re-decided by scores are processed fb at a time (scores buffer fb x kp floats).
   const int64_t fb = int64_t{mr} * 2;
 
-  std::vector<float> gbest(static_cast<size_t>(n), kInf), gsec(static_cast<size_t>(n), kInf);
-  std::vector<int32_t> gidx(static_cast<size_t>(n), 0);
-  std::vector<double> bound(static_cast<size_t>(n));
+  // Per-row state (20 bytes a row) in a recycled HostBuffer, each block's rows initialised by
+  // the thread that searches them: a fresh vector of this size is a fresh mapping, whose page
+  // faults and serial fill cost as much as a small search.
+  HostBuffer row_state(static_cast<size_t>(n) * (sizeof(double) + 2 * sizeof(float) + sizeof(int32_t)));
+  double* const bound = static_cast<double*>(row_state.data());
+  float* const gbest = reinterpret_cast<float*>(bound + n);
+  float* const gsec = gbest + n;
+  int32_t* const gidx = reinterpret_cast<int32_t*>(gsec + n);
   std::vector<int64_t> redo;        // rows whose gap is inside the bound
   std::vector<double> redo_dist;    // their best direct-form distance so far
   int64_t exact_rows = 0;
@@ -461,10 +466,15 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
           const float* xq = S.load_rows(r0, nullptr, rows, rpad, xbuf.data());
           float* xp = !packed_rows ? nullptr : reuse_rows ? xpk_data + (r0 - s0) * d : xloc.data();
           if (packed_rows && (c0 == 0 || !reuse_rows)) S.kern.pack_rows(xq, rpad, d, xp);
-          if (packed_rows && c0 == 0)
-            for (int64_t r = 0; r < rows; ++r) bound[r0 + r] = row_bound(xq + r * d);
+          if (c0 == 0) {
+            std::fill(gbest + r0, gbest + r0 + rows, kInf);
+            std::fill(gsec + r0, gsec + r0 + rows, kInf);
+            std::fill(gidx + r0, gidx + r0 + rows, 0);
+            if (packed_rows)
+              for (int64_t r = 0; r < rows; ++r) bound[r0 + r] = row_bound(xq + r * d);
+          }
           BlockArgs a{xq, rpad, rows, d, S.panel, S.pnorm, nch, static_cast<int32_t>(c0),
-                      gbest.data() + r0, gsec.data() + r0, gidx.data() + r0, nullptr, 0, xp};
+                      gbest + r0, gsec + r0, gidx + r0, nullptr, 0, xp};
           S.kern.run(a);
           if (c0 + S.kp < k) continue;
           // 2. The block's last panel, its rows still in cache: the certificate (a gap above 2E
