@@ -106,4 +106,4 @@ def test_nearest_suite_rows_and_failed_baseline(monkeypatch):
         if r["backend"] == "torch_addmm":
             assert "ms" not in r and r["note"].startswith("failed: RuntimeError")
         else:
-            assert r["ms"] > 0 and r["agree"] == 1.0 and r["gflops"] > 0
+            assert r["ms"] > 0 and r["agree"] == 1.0 and r["gflops"] >= 0  # tiny shapes round to 0.0

@@ -81,7 +81,9 @@ def test_tokenizer_save_load_encode_decode(tmp_path, saved):
     assert torch.equal(tok.encode(x[1]), ids[1])  # one sample without the batch axis
     y = tok.decode(ids)
     assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
-    assert torch.equal(tok.decode(ids[2]), y[2])
+    # one sample alone decodes as in the batch, up to the conv backend's batch-size-dependent
+    # summation order (oneDNN picks its algorithm by shape on some CPUs)
+    torch.testing.assert_close(tok.decode(ids[2]), y[2], rtol=1e-5, atol=1e-5)
     assert torch.equal(ids, tok.model.encode(x))  # the model's own indices
 
     again = Tokenizer.from_pretrained(tok.save_pretrained(tmp_path / "copy"))
