@@ -122,8 +122,9 @@ __attribute__((noinline)) void micro_sweep(const float* xq, int64_t d, const flo
 
 // Runs a whole block with its lane state on the stack, then reduces the lanes and merges them
 // into the rows' running best / second / index (panels arrive in ascending code order, so an
-// equal best keeps the earlier, lower index). Small d: each row tile (L1-resident) sweeps the
-// panel's chunks as one sequential stream from L2. Large d: each chunk (NRV*W codes x d) stays
+// equal best keeps the earlier, lower index). Small d (up to O::kSweepMaxD): each row tile
+// (L1-resident) sweeps the panel's chunks, in runs of O::kSweepBytes when that is set, otherwise
+// as one sequential stream from L2. Large d: each chunk (NRV*W codes x d) stays
 // in L1 while the block's row tiles stream past it (with per-group lane updates when kGroupIds:
 // their cost is small next to d FMAs, and the winner needs no recomputation).
 template <class O, int MR, int NRV, bool kGroupIds = false>
