@@ -52,7 +52,7 @@ struct BlockKernel {
   void (*pack_rows)(const float* xq, int64_t rows, int64_t d, float* xp);
   // d <= sweep_max_d: row tiles read rows row-major and sweep the panel's chunks; larger d: each
   // chunk meets the block's tiles, whose rows come packed (BlockArgs::xp).
-  int64_t sweep_max_d = 16;
+  int64_t sweep_max_d;  // the Ops struct's kSweepMaxD, which run_block tests
 };
 
 // The kernel for feature dim d (a level may pick its micro-tile shape by d).

@@ -80,7 +80,8 @@ constexpr int kMr = 4, kNrv = 1;
 }  // namespace
 
 const BlockKernel& scalar_kernel(int64_t /*d*/) {
-  static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>, &pack_rows<kMr>};
+  static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>, &pack_rows<kMr>,
+                             OpsScalar::kSweepMaxD};
   return k;
 }
 

@@ -2,9 +2,9 @@
 
 Each case is one (N, D, K) of fp32 Gaussian rows and codes. Per backend: median wall time of
 ``reps`` calls after one warm-up (the fused backends of a case take turns call by call, so drift in
-the machine's speed falls on all of them alike; the baselines that materialise N x K run after), GFLOP/s = 2 N K D / t (the FMA work of all N x K dot products,
-whatever the method actually executes), the time ratio against FAISS ``IndexFlatL2`` k=1 (below 1
-is faster than FAISS), the fraction of the machine's measured fp32 FMA peak when the bench
+the machine's speed falls on all of them alike; the baselines that materialise N x K run after),
+GFLOP/s = 2 N K D / t (the FMA work of all N x K dot products, whatever the method executes), the
+time ratio against FAISS ``IndexFlatL2`` k=1 (below 1 is faster than FAISS), the fraction of the machine's measured fp32 FMA peak when the bench
 framework provides one (``vqtok.bench.machine``), the share of indices equal to vqtok's exact
 answer, and the peak extra memory.
 

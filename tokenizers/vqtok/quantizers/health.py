@@ -122,8 +122,10 @@ class CodebookHealth(nn.Module):
             return torch.zeros_like(self.ema_probs)
         return self.ema_probs / (1.0 - self.decay**steps)
 
-    def dead_mask(self) -> torch.Tensor:
-        return self.corrected_probs() < self.dead_ratio / self.codebook_size
+    def dead_mask(self, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes below dead_ratio / K of ``probs`` (default: corrected_probs())."""
+        probs = self.corrected_probs() if probs is None else probs
+        return probs < self.dead_ratio / self.codebook_size
 
     @torch.no_grad()
     def stats(self, counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -131,7 +133,7 @@ class CodebookHealth(nn.Module):
         k = self.codebook_size
         dev = self.histogram.device
         probs = self.corrected_probs()
-        dead = (probs < self.dead_ratio / k).sum()  # dead_mask() of these probabilities
+        dead = self.dead_mask(probs).sum()
         ema_ppl = perplexity_of(probs).to(torch.float32) if int(self.steps) else torch.tensor(0.0)
         alive = 1.0 - dead.to(torch.float32) / k
         collapse = (alive < self.min_usage) | (ema_ppl.to(dev) < self.min_perplexity * k)
