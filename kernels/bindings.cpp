@@ -222,13 +222,15 @@ void bind_fsq_lfq(py::module_& m) {
         "Returns the number of NaN/Inf values in z.");
   m.def(
       "tanh_f32",
-      [](uintptr_t x, int64_t n, uintptr_t out) {
+      [](uintptr_t x, int64_t n, uintptr_t out, bool exact) {
         VQTOK_FSQ_CHECK(n >= 0, "vqtok._C.tanh_f32: n must be >= 0, got " + std::to_string(n));
         VQTOK_FSQ_CHECK(n == 0 || (x != 0 && out != 0), "vqtok._C.tanh_f32: x and out must be non-null");
         py::gil_scoped_release nogil;
-        vqtok::tanh_f32(reinterpret_cast<const float*>(x), n, reinterpret_cast<float*>(out));
+        vqtok::tanh_f32(reinterpret_cast<const float*>(x), n, reinterpret_cast<float*>(out), exact);
       },
-      py::arg("x"), py::arg("n"), py::arg("out"), "fp32 tanh, bit-identical to torch.tanh on CPU (n floats).");
+      py::arg("x"), py::arg("n"), py::arg("out"), py::arg("exact") = false,
+      "fp32 tanh of n floats as the FSQ kernels compute it: double evaluation rounded once, i.e. "
+      "torch.tanh(x.double()).float(). exact=True: the plain double evaluation value by value (same bits, slower).");
   m.def(
       "fma_peak_gflops",
       [](double seconds) {

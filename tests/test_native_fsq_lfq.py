@@ -86,8 +86,44 @@ def test_tanh_bits(isa):
     assert int(diff.max()) <= 1
 
 
+def _tanh_fast_and_exact(x):
+    fast, exact = torch.empty_like(x), torch.empty_like(x)
+    _C.tanh_f32(x.data_ptr(), x.numel(), fast.data_ptr())
+    _C.tanh_f32(x.data_ptr(), x.numel(), exact.data_ptr(), exact=True)
+    return fast, exact
+
+
+def test_tanh_fast_path_gives_the_exact_bits(isa):
+    """The grid + rounding-test tanh against the plain double evaluation, bit for bit: a stride
+    through every fp32 bit pattern up to 10.5, the neighbourhoods of the 1/64 grid points, inputs
+    whose tanh lies near an fp32 rounding midpoint (where the fallback must take over), specials."""
+    g = torch.Generator().manual_seed(2)
+    sweep = torch.arange(0, 0x41280000, 97, dtype=torch.int32).view(torch.float32)  # [0, 10.5]
+    grid = torch.arange(1, 641, dtype=torch.float32) / 64
+    near_grid = (grid.view(torch.int32)[:, None] + torch.arange(-2048, 2049, 16, dtype=torch.int32)).view(torch.float32)
+    cand = torch.rand(1 << 22, generator=g) * 9.5
+    t = torch.tanh(cand.double()).view(torch.int64)
+    dropped = t & ((1 << 29) - 1)  # the bits fp32 rounding drops; 2^28 is the halfway point
+    near_mid = cand[(dropped - (1 << 28)).abs() < (1 << 17)]
+    assert near_mid.numel() > 500
+    specials = torch.tensor([0.0, 1e-45, 1e-40, 2.0**-126, 1e-30, 2.0**-27, 2.0**-12, 9.01, 10.0, 10.5,
+                             1e30, 3.4e38, float("inf")])
+    x = torch.cat([sweep, near_grid.flatten(), specials])
+    x = torch.cat([x, -x, near_mid, -near_mid])
+    fast, exact = _tanh_fast_and_exact(x)
+    assert torch.equal(fast.view(torch.int32), exact.view(torch.int32))
+    # away from midpoints both are torch's double tanh rounded once (near them the ~1e-16 error of
+    # either double evaluation may decide the rounding: there the exact evaluation is the definition)
+    ordinary = x.numel() - 2 * near_mid.numel()
+    assert torch.equal(fast[:ordinary], _tanh_cr(x[:ordinary]))
+    nan = torch.tensor([float("nan"), -float("nan")] * 8)  # not finite: whatever the exact path gives
+    fast, exact = _tanh_fast_and_exact(nan)
+    assert torch.equal(fast.view(torch.int32), exact.view(torch.int32))
+
+
 @pytest.mark.parametrize(
-    "levels", [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [4] * 9, [3] * 33, [2**30 + 3]]
+    "levels",
+    [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [3] * 8, [4] * 9, [3] * 33, [2**30 + 3]],
 )
 @pytest.mark.parametrize("m", [1, 15, 17, 63, 1031])
 def test_fsq_forward_bits(isa, levels, m):

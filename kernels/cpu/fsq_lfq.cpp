@@ -21,6 +21,18 @@ void fsq_backward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1) { fsq_ba
 int64_t lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1) { return lfq_forward_rows<ScalarOps>(a, r0, r1); }
 void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out) { tanh_range<ScalarOps>(x, i0, i1, out); }
 
+const double* tanh_grid() {
+  static const std::vector<double> grid = [] {
+    std::vector<double> t(kTanhGridSize);
+    for (int i = 0; i < kTanhGridSize; ++i) {  // tanh_f_exact's double value at a = i/64, by a true division
+      const double m = expm1_2abs_d<ScalarOps>(double(i) / kTanhGridPerUnit);
+      t[i] = m / (m + 2.0);
+    }
+    return t;
+  }();
+  return grid.data();
+}
+
 namespace {
 
 // fp32 values as ordered integers: a < b  <=>  key(a) < key(b) for non-NaN floats (-0 and +0 share 0).
@@ -33,7 +45,7 @@ inline float key_float(int64_t k) { return bits_to_float(k >= 0 ? uint32_t(k) : 
 // Column j's code step of the direct forward, q(z) = rint(tanh(z + shift) * half_l - offset),
 // with the same fp32 operations (and the same tanh bits) as fsq_forward_block.
 inline float fsq_step(const FsqArgs& a, int j, float z) {
-  const float t = tanh_f<ScalarOps>(z + a.shift[j]);
+  const float t = tanh_f_exact<ScalarOps>(z + a.shift[j]);
   return std::nearbyint(t * a.half_l[j] - a.offset[j]);
 }
 
@@ -114,7 +126,8 @@ FsqThresholds fsq_thresholds(const FsqArgs& a) {
 namespace {
 
 // Runs fn(r0, r1) over [0, m) in chunks of whole 64-row groups (so SIMD blocks never straddle
-// chunks): serial below ~32k values, else a few chunks per OpenMP thread (static schedule).
+// chunks): serial below ~32k values, else up to 16 chunks per OpenMP thread, handed out
+// dynamically, so a thread the OS preempts does not hold the others at the closing barrier.
 // Returns the sum of fn's results (fn returning void counts as 0).
 template <class Fn>
 int64_t parallel_rows(int64_t m, int64_t values_per_row, Fn fn) {
@@ -131,11 +144,11 @@ int64_t parallel_rows(int64_t m, int64_t values_per_row, Fn fn) {
   const int64_t total = m * vpr;
   if (total <= 2 * kMinValuesPerChunk) return call(int64_t{0}, m);
   const int64_t by_size = total / kMinValuesPerChunk;
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(by_size, int64_t(omp_get_max_threads()) * 4));
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(by_size, int64_t(omp_get_max_threads()) * 16));
   const int64_t chunk = ((m + nchunks - 1) / nchunks + 63) / 64 * 64;
   const int64_t n = (m + chunk - 1) / chunk;
   int64_t sum = 0;
-#pragma omp parallel for schedule(static) reduction(+ : sum)
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) sum += call(c * chunk, std::min(m, (c + 1) * chunk));
   return sum;
 }
@@ -173,10 +186,12 @@ int64_t lfq_forward(const LfqArgs& a) {
   });
 }
 
-void tanh_f32(const float* x, int64_t n, float* out) {
+void tanh_f32(const float* x, int64_t n, float* out, bool exact) {
   const Isa isa = active_isa();
   parallel_rows(n, 1, [&](int64_t i0, int64_t i1) {
-    if (isa == Isa::Avx512) tanh_range_avx512(x, i0, i1, out);
+    if (exact) {
+      for (int64_t i = i0; i < i1; ++i) out[i] = tanh_f_exact<ScalarOps>(x[i]);
+    } else if (isa == Isa::Avx512) tanh_range_avx512(x, i0, i1, out);
     else if (isa == Isa::Avx2) tanh_range_avx2(x, i0, i1, out);
     else tanh_range_scalar(x, i0, i1, out);
   });

@@ -61,6 +61,11 @@ void tanh_range_avx512(const float* x, int64_t i0, int64_t i1, float* out);
 void tanh_range_avx2(const float* x, int64_t i0, int64_t i1, float* out);
 void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out);
 
+// tanh_f's grid (below): tanh(i / kTanhGridPerUnit) for i < kTanhGridSize, in double (fsq_lfq.cpp).
+constexpr int kTanhGridPerUnit = 64;
+constexpr int kTanhGridSize = 10 * kTanhGridPerUnit + 1;  // a = 0, 1/64, ..., 10
+const double* tanh_grid();
+
 namespace {  // internal linkage: every TU gets its own copy compiled with its own ISA flags
 
 inline float bits_to_float(uint32_t b) {
@@ -99,6 +104,11 @@ inline float load_scalar(const void* p, int64_t i, InputType dt) {
   }
 }
 
+// near_midpoint's band: (bits + kMidpointOffset) mod 2^29 < kMidpointBand  <=>  |low 29 bits - 2^28| < 2^13
+constexpr int64_t kLow29 = (int64_t(1) << 29) - 1;
+constexpr int64_t kMidpointOffset = (int64_t(1) << 13) - (int64_t(1) << 28);
+constexpr int64_t kMidpointBand = int64_t(1) << 14;
+
 // ---------------------------------------------------------------------------------------------
 // Vector operations: W fp32 lanes (F) and the same lanes as two halves of doubles (D).
 // fmadd(a,b,c) = a*b+c and dfnmadd(a,b,c) = c-a*b are fused; everything else rounds once.
@@ -118,7 +128,14 @@ struct ScalarOps {
   static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }
   static F abs(F a) { return std::fabs(a); }
   static F rint(F a) { return std::nearbyint(a); }  // half to even in the default rounding mode
-  static F add_ge(F q, F z, F thr) { return z >= thr ? q + 1.0f : q; }  // q + (z >= thr), false for NaN
+  // q + #{v < n : z >= thr[v * stride]} (false for NaN), the count added once as an exact integer
+  static F add_count_ge(F q, F z, const float* thr, int n, int64_t stride) {
+    int c = 0;
+    for (int v = 0; v < n; ++v) c += z >= thr[v * stride];
+    return q + float(c);
+  }
+  static F min(F a, F b) { return a < b ? a : b; }  // b when either is NaN (as minps)
+  static uint32_t neq_mask(F a, F b) { return !(a == b); }  // bit i: a_i != b_i or either is NaN
   static F mulsign(F x, F y) { return bits_to_float(float_to_bits(x) ^ (float_to_bits(y) & 0x80000000u)); }
   // number of lanes holding NaN or +-Inf (exponent bits all ones)
   static int nonfinite(F x) { return (float_to_bits(x) & 0x7f800000u) == 0x7f800000u; }
@@ -134,6 +151,15 @@ struct ScalarOps {
   static D dpow2(D k) { return std::ldexp(1.0, int(k)); }  // k integer-valued, |k| < 1023
   static void split(F x, D& lo, D& hi) { lo = x, hi = 0.0; }
   static F join(D lo, D) { return static_cast<float>(lo); }
+  // t[i] for the integer-valued lanes i of x (in [0, 2^31)), as the two halves of split
+  static void dgather(const double* t, F x, D& lo, D& hi) { lo = t[int(x)], hi = t[0]; }
+  // bit i: the low 29 bits of lane i's double (the part fp32 rounding drops) lie within 2^13 of
+  // the halfway point 2^28, i.e. the lane is within 2^-39 (relative) of an fp32 rounding midpoint
+  static uint32_t near_midpoint(D lo, D) {
+    uint64_t b;
+    std::memcpy(&b, &lo, 8);
+    return ((b + kMidpointOffset) & kLow29) < kMidpointBand;
+  }
   // bit i = (x_i > 0); stores the +-1 codes
   static uint32_t sign_codes(F x, float* out) {
     *out = x > 0.0f ? 1.0f : -1.0f;
@@ -148,6 +174,29 @@ struct ScalarOps {
 };
 
 #ifdef __AVX2__
+// Indices of 8 rows whose d (2, 4 or 8) digits lie in d consecutive vectors of dig: digit * basis
+// per lane (int32 wrap-around, like the scalar loop), then in-lane horizontal adds
+// (_mm256_hadd_epi32 works within each 128-bit half) and one permutation into row order.
+inline void index_block_i32_pow2_avx2(const float* dig, int d, const int32_t* basis, int32_t* out) {
+  alignas(32) int32_t pat[8];
+  for (int i = 0; i < 8; ++i) pat[i] = basis[i % d];
+  const __m256i bp = _mm256_load_si256(reinterpret_cast<const __m256i*>(pat));
+  __m256i p[8];
+  for (int k = 0; k < d; ++k) p[k] = _mm256_mullo_epi32(_mm256_cvttps_epi32(_mm256_loadu_ps(dig + k * 8)), bp);
+  __m256i r;
+  if (d == 2) {  // p0 = rows 0-3, p1 = rows 4-7 (two lanes a row): [r0 r1 r4 r5 | r2 r3 r6 r7]
+    r = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+  } else if (d == 4) {  // p_k = rows 2k (low half), 2k+1 (high half): [r0 r2 r4 r6 | r1 r3 r5 r7]
+    const __m256i c = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    r = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  } else {  // p_k = row k: [r0..r3 first half sums | r0..r3 second half sums], then rows 4-7 alike
+    const __m256i b0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    const __m256i b1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    r = _mm256_add_epi32(_mm256_permute2x128_si256(b0, b1, 0x20), _mm256_permute2x128_si256(b0, b1, 0x31));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), r);
+}
+
 struct Avx2Ops {
   using F = __m256;
   using D = __m256d;
@@ -171,9 +220,18 @@ struct Avx2Ops {
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
   static F rint(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static F add_ge(F q, F z, F thr) {
-    return _mm256_add_ps(q, _mm256_and_ps(_mm256_cmp_ps(z, thr, _CMP_GE_OQ), _mm256_set1_ps(1.0f)));
+  static F add_count_ge(F q, F z, const float* thr, int n, int64_t stride) {  // two chains of -1 masks
+    __m256i c0 = _mm256_setzero_si256(), c1 = _mm256_setzero_si256();
+    int v = 0;
+    for (; v + 2 <= n; v += 2) {
+      c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(z, _mm256_loadu_ps(thr + v * stride), _CMP_GE_OQ)));
+      c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(z, _mm256_loadu_ps(thr + (v + 1) * stride), _CMP_GE_OQ)));
+    }
+    if (v < n) c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(z, _mm256_loadu_ps(thr + v * stride), _CMP_GE_OQ)));
+    return _mm256_add_ps(q, _mm256_cvtepi32_ps(_mm256_add_epi32(c0, c1)));
   }
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static uint32_t neq_mask(F a, F b) { return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ))); }
   static F mulsign(F x, F y) { return _mm256_xor_ps(x, _mm256_and_ps(y, _mm256_set1_ps(-0.0f))); }
   static int nonfinite(F x) {
     const __m256i e = _mm256_set1_epi32(0x7f800000);
@@ -198,12 +256,29 @@ struct Avx2Ops {
     hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
   }
   static F join(D lo, D hi) { return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)); }
+  static uint32_t near_midpoint(D lo, D hi) {
+    const __m256i off = _mm256_set1_epi64x(kMidpointOffset), low = _mm256_set1_epi64x(kLow29);
+    const __m256i band = _mm256_set1_epi64x(kMidpointBand);
+    const __m256i a = _mm256_and_si256(_mm256_add_epi64(_mm256_castpd_si256(lo), off), low);
+    const __m256i b = _mm256_and_si256(_mm256_add_epi64(_mm256_castpd_si256(hi), off), low);
+    return uint32_t(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(band, a)))) |
+           uint32_t(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_cmpgt_epi64(band, b)))) << 4;
+  }
+  static void dgather(const double* t, F x, D& lo, D& hi) {
+    const __m256i i = _mm256_cvtps_epi32(x);
+    lo = _mm256_i32gather_pd(t, _mm256_castsi256_si128(i), 8);
+    hi = _mm256_i32gather_pd(t, _mm256_extracti128_si256(i, 1), 8);
+  }
   static uint32_t sign_codes(F x, float* out) {
     const __m256 pos = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ);
     _mm256_storeu_ps(out, _mm256_blendv_ps(_mm256_set1_ps(-1.0f), _mm256_set1_ps(1.0f), pos));
     return uint32_t(_mm256_movemask_ps(pos));
   }
   static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+    if (d == 2 || d == 4 || d == 8) {  // rows never straddle a vector: no gathers
+      index_block_i32_pow2_avx2(dig, d, basis, out);
+      return;
+    }
     const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(d));
     __m256i acc = _mm256_setzero_si256();
     for (int j = 0; j < d; ++j) {
@@ -257,9 +332,19 @@ struct Avx512Ops {
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F abs(F a) { return _mm512_abs_ps(a); }
   static F rint(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  static F add_ge(F q, F z, F thr) {
-    return _mm512_mask_add_ps(q, _mm512_cmp_ps_mask(z, thr, _CMP_GE_OQ), q, _mm512_set1_ps(1.0f));
+  static F add_count_ge(F q, F z, const float* thr, int n, int64_t stride) {  // two chains of masked +1
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i c0 = _mm512_setzero_si512(), c1 = _mm512_setzero_si512();
+    int v = 0;
+    for (; v + 2 <= n; v += 2) {
+      c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(z, _mm512_loadu_ps(thr + v * stride), _CMP_GE_OQ), c0, one);
+      c1 = _mm512_mask_add_epi32(c1, _mm512_cmp_ps_mask(z, _mm512_loadu_ps(thr + (v + 1) * stride), _CMP_GE_OQ), c1, one);
+    }
+    if (v < n) c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(z, _mm512_loadu_ps(thr + v * stride), _CMP_GE_OQ), c0, one);
+    return _mm512_add_ps(q, _mm512_cvtepi32_ps(_mm512_add_epi32(c0, c1)));
   }
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static uint32_t neq_mask(F a, F b) { return uint32_t(_mm512_cmp_ps_mask(a, b, _CMP_NEQ_UQ)); }
   static F mulsign(F x, F y) {
     return _mm512_castsi512_ps(_mm512_xor_si512(
         _mm512_castps_si512(x), _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(int(0x80000000u)))));
@@ -289,6 +374,18 @@ struct Avx512Ops {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo))),
                                                _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1));
   }
+  static uint32_t near_midpoint(D lo, D hi) {
+    const __m512i off = _mm512_set1_epi64(kMidpointOffset), low = _mm512_set1_epi64(kLow29);
+    const __m512i band = _mm512_set1_epi64(kMidpointBand);
+    const __m512i a = _mm512_and_si512(_mm512_add_epi64(_mm512_castpd_si512(lo), off), low);
+    const __m512i b = _mm512_and_si512(_mm512_add_epi64(_mm512_castpd_si512(hi), off), low);
+    return uint32_t(_mm512_cmplt_epi64_mask(a, band)) | uint32_t(_mm512_cmplt_epi64_mask(b, band)) << 8;
+  }
+  static void dgather(const double* t, F x, D& lo, D& hi) {
+    const __m512i i = _mm512_cvtps_epi32(x);
+    lo = _mm512_i32gather_pd(_mm512_castsi512_si256(i), t, 8);
+    hi = _mm512_i32gather_pd(_mm512_extracti64x4_epi64(i, 1), t, 8);
+  }
   static uint32_t sign_codes(F x, float* out) {
     const __mmask16 pos = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
     _mm512_storeu_ps(out, _mm512_mask_blend_ps(pos, _mm512_set1_ps(-1.0f), _mm512_set1_ps(1.0f)));
@@ -311,7 +408,7 @@ struct Avx512Ops {
 };
 #endif
 // ---------------------------------------------------------------------------------------------
-// tanh: double evaluation, one rounding to fp32 (see the file comment). For finite x only.
+// tanh_f_exact: double evaluation, one rounding to fp32 (see the file comment). For finite x only.
 //   tanh|x| = m / (m + 2) with m = expm1(2|x|); 2|x| = k ln2 + r, |r| <= ln2/2, and
 //   expm1(2|x|) = 2^k expm1(r) + (2^k - 1), expm1(r) = r + r^2 (1/2! + r/3! + ... + r^11/13!)
 //   (truncation error < 2^-56). Past |x| = 10 the result rounds to 1 in fp32; clamping 2|x| at
@@ -349,7 +446,7 @@ inline typename O::D quotient_d(typename O::D m, typename O::D den, typename O::
 }
 
 template <class O>
-inline typename O::F tanh_f(typename O::F x) {
+inline typename O::F tanh_f_exact(typename O::F x) {
   using D = typename O::D;
   D lo, hi;
   O::split(O::abs(x), lo, hi);
@@ -358,6 +455,62 @@ inline typename O::F tanh_f(typename O::F x) {
   D ylo, yhi;
   O::split(O::div(O::set1(1.0f), O::join(dlo, dhi)), ylo, yhi);
   return O::mulsign(O::join(quotient_d<O>(mlo, dlo, ylo), quotient_d<O>(mhi, dhi, yhi)), x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// tanh: the same bits as tanh_f_exact, faster. With a = i/64 the grid point nearest |x| (|x|
+// clamped at 10, where both round to 1) and h = |x| - a (exact in double, |h| <= 2^-7):
+//   tanh|x| = (tanh a + tanh h) / (1 + u),  u = tanh a * tanh h,  |u| <= 2^-7,
+//   tanh h = h + h^3 (-1/3 + 2/15 h^2)  (relative truncation error 17/315 h^6 < 2^-46),
+//   1 / (1 + u) = (1 - u)(1 + u^2)(1 + u^4) / (1 - u^8)  (dropping 1 - u^8: error < 2^-56),
+// and tanh a from tanh_grid() (tanh_f_exact's double evaluation, error a few 2^-53). The double
+// q so computed is within 2^-45 of tanh|x| (relative), and so is tanh_f_exact's double value.
+// fp32 rounding keeps the top 24 of the 53 significant bits; when the 29 bits it drops lie more
+// than 2^13 double ulps (2^-40 relative, or more) from the halfway point, every value within
+// 2^-45 of q rounds as q does, so q rounded is tanh_f_exact's result. Otherwise (~2^-15 of
+// inputs; and NaN) the lane is recomputed by tanh_f_exact. fp32-subnormal results occur only for
+// |x| < 2^-126, where q = |x| exactly (its dropped bits are zero). Every ISA therefore gives
+// tanh_f_exact's bits, whatever its gathers and conversions.
+// ---------------------------------------------------------------------------------------------
+template <class O>
+inline typename O::D tanh_near_grid_d(typename O::D ax, typename O::D i, typename O::D ta) {
+  using D = typename O::D;
+  const D h = O::dfnmadd(i, O::dset1(1.0 / kTanhGridPerUnit), ax);  // exact
+  const D h2 = O::dmul(h, h);
+  const D th = O::dfmadd(O::dmul(h, h2), O::dfmadd(O::dset1(2.0 / 15.0), h2, O::dset1(-1.0 / 3.0)), h);
+  const D u = O::dmul(ta, th);
+  const D u2 = O::dmul(u, u), u4 = O::dmul(u2, u2);
+  const D q1 = O::dmul(O::dadd(ta, th), O::dsub(O::dset1(1.0), u));
+  const D q2 = O::dfmadd(q1, u2, q1);
+  return O::dfmadd(q2, u4, q2);
+}
+
+// Lanes of t in `lanes` recomputed by tanh_f_exact (kept out of line: rarely taken).
+template <class O>
+__attribute__((noinline)) typename O::F tanh_patch_lanes(typename O::F x, typename O::F t, uint32_t lanes) {
+  float xs[O::W], ts[O::W];
+  O::store(xs, x);
+  O::store(ts, t);
+  for (int i = 0; i < O::W; ++i)
+    if ((lanes >> i) & 1u) ts[i] = tanh_f_exact<ScalarOps>(xs[i]);
+  return O::loadf(ts);
+}
+
+template <class O>
+inline typename O::F tanh_f(typename O::F x, const double* grid) {
+  using F = typename O::F;
+  using D = typename O::D;
+  const F ax = O::min(O::set1(10.0f), O::abs(x));  // NaN stays NaN
+  const F i = O::rint(O::min(O::mul(ax, O::set1(float(kTanhGridPerUnit))), O::set1(float(kTanhGridSize - 1))));  // NaN -> last
+  D axlo, axhi, ilo, ihi, tlo, thi;
+  O::split(ax, axlo, axhi);
+  O::split(i, ilo, ihi);
+  O::dgather(grid, i, tlo, thi);
+  const D qlo = tanh_near_grid_d<O>(axlo, ilo, tlo), qhi = tanh_near_grid_d<O>(axhi, ihi, thi);
+  const F t = O::mulsign(O::join(qlo, qhi), x);
+  const uint32_t unsure = O::near_midpoint(qlo, qhi) | O::neq_mask(ax, ax);
+  if (__builtin_expect(unsure != 0, 0)) return tanh_patch_lanes<O>(x, t, unsure);
+  return t;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,6 +524,7 @@ struct FsqPatterns {
   // threshold forward: [d][W] q_min and [n][d][W] thresholds (empty when th.n == 0)
   std::vector<float> qmin, thr;
   std::vector<int32_t> basis32;
+  const double* grid = tanh_grid();
   int d = 0, w = 0, n = 0;
   FsqPatterns(const FsqArgs& a, int w_, const FsqThresholds* th = nullptr) : d(a.d), w(w_) {
     p.resize(size_t(5) * d * w);
@@ -410,10 +564,9 @@ inline int fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t ro
     bad += O::nonfinite(z);
     F q;
     if (pt.n > 0) {
-      q = O::loadf(pt.qmin_at(k));
-      for (int v = 0; v < pt.n; ++v) q = O::add_ge(q, z, O::loadf(pt.thr_at(v, k)));
+      q = O::add_count_ge(O::loadf(pt.qmin_at(k)), z, pt.thr_at(0, k), pt.n, int64_t(d) * W);
     } else {
-      const F t = tanh_f<O>(O::add(z, O::loadf(pt.at(2, k))));
+      const F t = tanh_f<O>(O::add(z, O::loadf(pt.at(2, k))), pt.grid);
       q = O::rint(O::sub(O::mul(t, O::loadf(pt.at(0, k))), O::loadf(pt.at(1, k))));
     }
     const F hw = O::loadf(pt.at(3, k));
@@ -452,7 +605,7 @@ inline void fsq_backward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t 
   const int64_t base = row * a.d;
   for (int k = 0; k < a.d; ++k) {
     const int64_t i = base + int64_t(k) * W;
-    const F t = tanh_f<O>(O::add(O::load(a.z, i, a.dtype), O::loadf(pt.at(2, k))));
+    const F t = tanh_f<O>(O::add(O::load(a.z, i, a.dtype), O::loadf(pt.at(2, k))), pt.grid);
     const F g = O::mul(O::loadf(a.grad_codes + i), O::sub(O::set1(1.0f), O::mul(t, t)));
     O::store(a.grad_z + i, O::mul(g, O::loadf(pt.at(4, k))));
   }
@@ -517,9 +670,10 @@ int64_t lfq_forward_rows(const LfqArgs& a, int64_t r0, int64_t r1) {
 
 template <class O>
 void tanh_range(const float* x, int64_t i0, int64_t i1, float* out) {
+  const double* grid = tanh_grid();
   int64_t i = i0;
-  for (; i + O::W <= i1; i += O::W) O::store(out + i, tanh_f<O>(O::loadf(x + i)));
-  for (; i < i1; ++i) out[i] = tanh_f<ScalarOps>(x[i]);
+  for (; i + O::W <= i1; i += O::W) O::store(out + i, tanh_f<O>(O::loadf(x + i), grid));
+  for (; i < i1; ++i) out[i] = tanh_f<ScalarOps>(x[i], grid);
 }
 
 }  // namespace

@@ -64,8 +64,10 @@ void fsq_indices_to_codes(const void* indices, bool indices_int64, int64_t m, in
                           const int64_t* basis, float* codes);
 int64_t lfq_forward(const LfqArgs& a);
 
-// torch-equal fp32 tanh of n values (exposed for tests): out[i] = tanh(x[i]).
-void tanh_f32(const float* x, int64_t n, float* out);
+// fp32 tanh of n values as the FSQ kernels compute it (exposed for tests): tanh evaluated in
+// double and rounded once (fsq_lfq_simd.h). exact = false: the fast path of the active SIMD level
+// with its rounding test; exact = true: the plain double evaluation, value by value (same bits).
+void tanh_f32(const float* x, int64_t n, float* out, bool exact = false);
 
 // Measured peak fp32 FMA throughput of this machine in GFLOP/s: independent FMA chains of the
 // widest active SIMD level on every OpenMP thread for about `seconds`.
