@@ -245,6 +245,20 @@ def test_fsq_indices_to_codes(dtype):
     assert torch.equal(_native._fsq_indices_to_codes_cpp(neg, levels), ref.fsq_indices_to_codes(neg, levels))
 
 
+def test_check_tanh_bits_script(isa):
+    """benchmarks/check_tanh_bits.py walks every fp32 pattern below its limit, both signs."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "check_tanh_bits.py"
+    spec = importlib.util.spec_from_file_location("check_tanh_bits", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.check(1e-38, progress=False)
+    top = int(torch.tensor([1e-38]).view(torch.int32))
+    assert res["isa"] == isa and res["inputs"] == 2 * top and res["mismatches"] == 0
+
+
 def test_fsq_constants_match_reference():
     for levels in ([2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 17, 255, 256, 1000], [65536, 65537], [2**40]):
         got = _C.fsq_constants(levels)
