@@ -15,7 +15,8 @@ same seed with AdamW on MSE + the quantizer's own loss for ``steps`` steps; a ro
 that fit in that time instead (the ``steps`` column), and no row's steps run past
 ``max_train_s``. k-means rows first initialise from ``init_tokens_per_code`` x K tokens (EMA
 counts put back on the per-step scale) and restart codes whose EMA count falls below
-``restart_share`` of a uniform code's per-step share (at most 2); the peers' VectorQuantize uses
+``restart_share`` of a uniform code's per-step share (at most 2), until ``restart_stop`` of the
+row's steps (1.0: to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses
 the rotation trick, vqtok's VQ rows the estimator ``vq_estimator``. Each vqtok row's ``setup`` (the build_quantizer arguments: restarts,
 entropy terms) is in the JSON. ``--set KEY=VALUE`` overrides
 any ``StudyConfig`` field.
@@ -78,6 +79,7 @@ class StudyConfig:
     latent_norm: str = "batch"  # latent standardisation: "batch" (BatchNorm) or "running" (RunningStandardize)
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
+    restart_stop: float = 1.0  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
     vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     lfq_entropy: tuple = (0.3, 0.3, 1.0)  # LFQ rows: entropy weight, temperature, per-sample term's weight
@@ -458,6 +460,26 @@ def _rescale_ema_counts(quantizer: nn.Module, ratio: float) -> None:
             sums.mul_(ratio)
 
 
+def stop_restarts(quantizer: nn.Module) -> int:
+    """Turns dead-code restarts off in every codebook of ``quantizer`` (vqtok's VectorQuantizer and
+    residual layers: ``dead_code_threshold``; vector-quantize-pytorch's codebooks:
+    ``threshold_ema_dead_code``). Returns how many codebooks had them on."""
+    n = 0
+    for m in quantizer.modules():
+        for attr in ("dead_code_threshold", "threshold_ema_dead_code"):
+            if getattr(m, attr, 0) > 0:
+                setattr(m, attr, type(getattr(m, attr))(0))
+                n += 1
+    return n
+
+
+def restarts_in(stats: dict) -> int | None:
+    """Codes a quantizer step restarted, from its stats ("restarted", per layer "layerN/restarted"
+    for residual VQ); None when it reports no restarts (no restarts configured, or a peer)."""
+    vals = [float(v) for k, v in stats.items() if k == "restarted" or k.endswith("/restarted")]
+    return int(sum(vals)) if vals else None
+
+
 def learning_rate(cfg: StudyConfig, step: int, steps: int) -> float:
     """The learning rate of step ``step`` (0-based) of ``steps``: constant, or a cosine from
     ``lr`` down to ``lr * lr_final`` at the last step."""
@@ -500,11 +522,16 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             _rescale_ema_counts(model.quantizer, cfg.tokens_per_step / (n * (cfg.crop // 4) ** 2))
     steps = cfg.steps
     t_steps = time.perf_counter()
+    restarting, restarts = True, []  # restarts: codes restarted at each step (vqtok rows)
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step, steps)
+        if restarting and step >= cfg.restart_stop * steps:
+            stop_restarts(model.quantizer)
+            restarting = False
         x = train.batch(cfg.batch)
         out = model(x)
+        restarts.append(restarts_in(getattr(out.quant, "stats", None) or {}))
         loss = F.mse_loss(out.recon, x) + out.quant.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -521,6 +548,7 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             steps = step + 1
             break
     train_s = time.perf_counter() - t0
+    reported = next((r for r in restarts if r is not None), None)
     m = evaluate(model, torch.utils.data.TensorDataset(held_out), batch_size=64, lpips=False, fid=False,
                  progress=False)
     t1 = time.perf_counter()
@@ -538,6 +566,9 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             "collapse": health["collapse"], "tokens": health["tokens"], "psnr": m["psnr"], "ssim": m["ssim"],
             "steps": steps, "train_s": train_s, "eval_s": m["seconds"] + time.perf_counter() - t1,
             "final_loss": float(loss.detach()), "layers": health.get("layers", []),
+            # codes restarted over the row, and in its last tenth of steps (None: never reported)
+            "restarts": None if reported is None else sum(r or 0 for r in restarts),
+            "restarts_last_tenth": None if reported is None else sum(r or 0 for r in restarts[-max(1, len(restarts) // 10):]),
             "latent_stats_batches": int(model.latent_norm.num_batches_tracked)}  # batches in its running stats
 
 

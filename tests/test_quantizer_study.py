@@ -138,6 +138,44 @@ def test_slow_row_trains_for_the_time_cap(qs):
     assert r["steps"] == 4 and r["tokens"] == qs.dense_token_count(held, cfg.eval_tile)
 
 
+def test_restarts_stop_after_their_share_of_steps(qs, monkeypatch):
+    from vqtok.quantizers import build_quantizer
+    from vqtok.quantizers.vq import VectorQuantizer
+
+    vq = build_quantizer("vq", dim=4, codebook_size=16, kmeans_init=True, dead_code_threshold=0.5)
+    rvq = build_quantizer("rvq", dim=4, codebook_size=8, num_quantizers=3, dead_code_threshold=0.5)
+    plain = build_quantizer("vq", dim=4, codebook_size=16)
+    assert (qs.stop_restarts(vq), qs.stop_restarts(rvq), qs.stop_restarts(plain)) == (1, 3, 0)
+    assert vq.dead_code_threshold == 0 and all(m.dead_code_threshold == 0 for m in rvq.modules()
+                                               if hasattr(m, "dead_code_threshold"))
+    try:
+        import vector_quantize_pytorch as vqp
+    except ImportError:
+        pass
+    else:
+        peer = vqp.VectorQuantize(dim=4, codebook_size=16, threshold_ema_dead_code=2)
+        assert qs.stop_restarts(peer) == 1 and peer._codebook.threshold_ema_dead_code == 0
+
+    # in a row: restarts after the k-means init pass and in the first half of the steps only
+    seen = []
+    real = VectorQuantizer._restart_dead
+
+    def spy(self):
+        seen.append(int(self.steps))
+        return real(self)
+
+    monkeypatch.setattr(VectorQuantizer, "_restart_dead", spy)
+    cfg = dataclasses.replace(qs.QUICK, steps=8, probe_steps=1, restart_stop=0.5)
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "vq-ema-kmeans-restart"][0]
+    r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
+    assert r["steps"] == 8 and seen == [1, 2, 3, 4, 5]  # update counter: 1 = the init pass, then steps 0-3
+    assert r["restarts_last_tenth"] == 0 and r["restarts"] is not None and r["restarts"] >= 0
+    assert qs.restarts_in({"layer0/restarted": torch.tensor(2.0), "layer1/restarted": torch.tensor(3.0)}) == 5
+    assert qs.restarts_in({"usage": torch.tensor(0.5)}) is None
+
+
 def test_held_in_usage_column(qs, tmp_path, capsys):
     out = tmp_path / "study.json"
     assert qs.main(["--quick", "--steps", "3", "--rows", "fsq/vqtok", "--held-in-usage", "--json", str(out)]) == 0
