@@ -24,7 +24,7 @@ void tanh_range_scalar(const float* x, int64_t i0, int64_t i1, float* out) { tan
 const double* tanh_grid() {
   static const std::vector<double> grid = [] {
     std::vector<double> t(kTanhGridSize);
-    for (int i = 0; i < kTanhGridSize; ++i) {  // tanh_f_exact's double value at a = i/64, by a true division
+    for (int i = 0; i < kTanhGridSize; ++i) {  // tanh(i/64) = m / (m + 2): tanh_f_exact's expm1, a true division
       const double m = expm1_2abs_d<ScalarOps>(double(i) / kTanhGridPerUnit);
       t[i] = m / (m + 2.0);
     }

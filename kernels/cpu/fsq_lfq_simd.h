@@ -463,7 +463,7 @@ inline typename O::F tanh_f_exact(typename O::F x) {
 //   tanh|x| = (tanh a + tanh h) / (1 + u),  u = tanh a * tanh h,  |u| <= 2^-7,
 //   tanh h = h + h^3 (-1/3 + 2/15 h^2)  (relative truncation error 17/315 h^6 < 2^-46),
 //   1 / (1 + u) = (1 - u)(1 + u^2)(1 + u^4) / (1 - u^8)  (dropping 1 - u^8: error < 2^-56),
-// and tanh a from tanh_grid() (tanh_f_exact's double evaluation, error a few 2^-53). The double
+// and tanh a from tanh_grid() (tanh_f_exact's expm1 and a double division: a few 2^-53). The double
 // q so computed is within 2^-45 of tanh|x| (relative), and so is tanh_f_exact's double value.
 // fp32 rounding keeps the top 24 of the 53 significant bits; when the 29 bits it drops lie more
 // than 2^13 double ulps (2^-40 relative, or more) from the halfway point, every value within
