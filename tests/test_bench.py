@@ -107,3 +107,14 @@ def test_nearest_suite_rows_and_failed_baseline(monkeypatch):
             assert "ms" not in r and r["note"].startswith("failed: RuntimeError")
         else:
             assert r["ms"] > 0 and r["agree"] == 1.0 and r["gflops"] >= 0  # tiny shapes round to 0.0
+
+
+def test_nearest_suite_peak_fraction_from_the_given_peak():
+    from vqtok.bench import nearest
+
+    cfg = nearest.NearestBenchConfig(n=256, dims=(8,), codes=(64,), fused_codes=(), reps=1, memory=False,
+                                     backends=("cpp",))
+    (row,) = nearest.run(cfg=cfg, progress=False, peak_gflops=0.01)
+    assert row["peak_frac"] == round(row["gflops"] / 0.01, 3)
+    (row,) = nearest.run(cfg=cfg, progress=False)
+    assert "peak_frac" not in row  # under `vqtok bench` the framework adds frac_peak instead

@@ -4,9 +4,9 @@ Each case is one (N, D, K) of fp32 Gaussian rows and codes. Per backend: median 
 ``reps`` calls after one warm-up (the fused backends of a case take turns call by call, so drift in
 the machine's speed falls on all of them alike; the baselines that materialise N x K run after),
 GFLOP/s = 2 N K D / t (the FMA work of all N x K dot products, whatever the method executes), the
-time ratio against FAISS ``IndexFlatL2`` k=1 (below 1 is faster than FAISS), the fraction of the machine's measured fp32 FMA peak when the bench
-framework provides one (``vqtok.bench.machine``), the share of indices equal to vqtok's exact
-answer, and the peak extra memory.
+time ratio against FAISS ``IndexFlatL2`` k=1 (below 1 is faster than FAISS), the fraction of the
+machine's measured fp32 FMA peak (``vqtok.bench.machine.fma_peak``, measured once per run), the
+share of indices equal to vqtok's exact answer, and the peak extra memory.
 
 Backends:
   cpp          vqtok.ops.nearest_code(..., backend="cpp") (exact; certified re-decisions included)
@@ -136,22 +136,6 @@ def make_runner(cfg: NearestBenchConfig, backend: str, x: torch.Tensor, c: torch
     raise ValueError(f"unknown backend {backend!r}; choose from {ALL_BACKENDS}")
 
 
-def _fma_peak_gflops() -> float | None:
-    """The bench framework's measured fp32 FMA peak (GFLOP/s), when it provides one."""
-    try:
-        from vqtok.bench import machine  # owned by the bench framework
-    except Exception:
-        return None
-    for name in ("fma_peak_gflops", "fp32_peak_gflops", "peak_gflops"):
-        fn = getattr(machine, name, None)
-        if callable(fn):
-            try:
-                return float(fn())
-            except Exception:
-                return None
-    return None
-
-
 def _fast_kernel(k: int, d: int) -> str:
     """Which kernel precision="fast" ran for this shape."""
     from vqtok.ops import _native
@@ -229,13 +213,15 @@ def _progress(groups: dict, progress: bool):
     return tqdm(groups.items(), desc="nearest_code bench", unit="shape", disable=not progress)
 
 
-def run(quick: bool = False, backends=None, cfg: NearestBenchConfig | None = None, progress: bool = True) -> list[dict]:
-    """Runs the grid; returns one dict per (D, K, backend) (see the module docstring)."""
+def run(quick: bool = False, backends=None, cfg: NearestBenchConfig | None = None, progress: bool = True,
+        peak_gflops: float | None = None) -> list[dict]:
+    """Runs the grid; returns one dict per (D, K, backend) (see the module docstring). With
+    ``peak_gflops`` (the machine's measured FMA peak) rows get ``peak_frac``; under `vqtok bench`
+    the framework adds ``frac_peak`` from its own single measurement instead."""
     cfg = cfg or (NearestBenchConfig.quick() if quick else NearestBenchConfig())
     if backends is not None:
         cfg = dataclasses.replace(cfg, backends=tuple(backends))
     torch.set_num_threads(cfg.threads)
-    peak = _fma_peak_gflops()
     todo = cases(cfg)
     rows: list[dict] = []
     faiss_ms = {}
@@ -271,8 +257,8 @@ def run(quick: bool = False, backends=None, cfg: NearestBenchConfig | None = Non
             row["ms"] = round(t * 1e3, 2)
             row["gflops"] = round(2 * cfg.n * k * d / t / 1e9, 1)
             row["agree"] = round((idx.to(torch.int64) == exact).double().mean().item(), 5)
-            if peak:
-                row["peak_frac"] = round(row["gflops"] / peak, 3)
+            if peak_gflops:
+                row["peak_frac"] = round(row["gflops"] / peak_gflops, 3)
             if b == "faiss":
                 faiss_ms[(d, k)] = row["ms"]
             if b == "cpp_fast":
@@ -338,9 +324,12 @@ def main(argv=None) -> None:
     if args.no_memory:
         changes["memory"] = False
     cfg = dataclasses.replace(cfg, **changes)
-    rows = run(cfg=cfg)
+    from vqtok.bench.machine import fma_peak  # noqa: PLC0415
+
+    peak = fma_peak()[0]
+    rows = run(cfg=cfg, peak_gflops=peak)
     print(f"nearest_code, N={cfg.n} fp32, torch {torch.__version__}, {cfg.threads} threads, median of {cfg.reps}")
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": config_dict(cfg), "fma_peak_gflops": _fma_peak_gflops(), "rows": rows}, f, indent=2)
+            json.dump({"config": config_dict(cfg), "fma_peak_gflops": peak, "rows": rows}, f, indent=2)
