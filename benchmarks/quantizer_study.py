@@ -548,7 +548,7 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             steps = step + 1
             break
     train_s = time.perf_counter() - t0
-    reported = next((r for r in restarts if r is not None), None)
+    reported = any(r is not None for r in restarts)
     m = evaluate(model, torch.utils.data.TensorDataset(held_out), batch_size=64, lpips=False, fid=False,
                  progress=False)
     t1 = time.perf_counter()
@@ -567,8 +567,8 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             "steps": steps, "train_s": train_s, "eval_s": m["seconds"] + time.perf_counter() - t1,
             "final_loss": float(loss.detach()), "layers": health.get("layers", []),
             # codes restarted over the row, and in its last tenth of steps (None: never reported)
-            "restarts": None if reported is None else sum(r or 0 for r in restarts),
-            "restarts_last_tenth": None if reported is None else sum(r or 0 for r in restarts[-max(1, len(restarts) // 10):]),
+            "restarts": sum(r or 0 for r in restarts) if reported else None,
+            "restarts_last_tenth": sum(r or 0 for r in restarts[-max(1, len(restarts) // 10):]) if reported else None,
             "latent_stats_batches": int(model.latent_norm.num_batches_tracked)}  # batches in its running stats
 
 
