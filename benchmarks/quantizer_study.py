@@ -16,7 +16,7 @@ that fit in that time instead (the ``steps`` column), and no row's steps run pas
 ``max_train_s``. k-means rows first initialise from ``init_tokens_per_code`` x K tokens (EMA
 counts put back on the per-step scale) and restart codes whose EMA count falls below
 ``restart_share`` of a uniform code's per-step share (at most 2), until ``restart_stop`` of the
-row's steps (1.0: to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses
+row's steps (default 0.6; 1.0: to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses
 the rotation trick, vqtok's VQ rows the estimator ``vq_estimator``. Each vqtok row's ``setup`` (the build_quantizer arguments: restarts,
 entropy terms) is in the JSON. ``--set KEY=VALUE`` overrides
 any ``StudyConfig`` field.
@@ -39,6 +39,7 @@ reported as skipped with the estimate.
     python benchmarks/quantizer_study.py --threads 2    # the full study
     python benchmarks/quantizer_study.py --quick    # CI smoke run
     python benchmarks/quantizer_study.py --json out.json --rows fsq,lfq --set seed=1
+    python benchmarks/quantizer_study.py --rows fsq/ --seeds 0,1,2    # + mean [min, max] over seeds
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class StudyConfig:
     latent_norm: str = "batch"  # latent standardisation: "batch" (BatchNorm) or "running" (RunningStandardize)
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
-    restart_stop: float = 1.0  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
+    restart_stop: float = 0.6  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
     vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     lfq_entropy: tuple = (0.3, 0.3, 1.0)  # LFQ rows: entropy weight, temperature, per-sample term's weight
@@ -591,14 +592,52 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_summary(results: list[dict]) -> list[dict]:
+    """Rows run at more than one seed: the seeds, and the mean / min / max of usage, PSNR, SSIM and
+    train_s, with how many seeds flagged collapse (one dict per family/impl/size, first-seen order)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if "skipped" not in r:
+            groups.setdefault((r["family"], r["impl"], r["log2_codes"]), []).append(r)
+    out = []
+    for (family, impl, b), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        row = {"family": family, "impl": impl, "log2_codes": b, "seeds": [r.get("seed") for r in rs],
+               "collapse_seeds": sum(bool(r["collapse"]) for r in rs)}
+        for key in ("usage", "psnr", "ssim", "train_s"):
+            vals = [float(r[key]) for r in rs]
+            row[key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+        out.append(row)
+    return out
+
+
+def format_seed_table(summary: list[dict]) -> str:
+    """The seed summary as text: mean and [min, max] per metric."""
+    head = (f"{'family':27s} {'impl':9s} {'codes':>7s} {'seeds':>5s} {'usage mean [min, max]':>24s} "
+            f"{'PSNR mean [min, max]':>24s} {'SSIM':>6s} {'train_s':>7s} {'collapse':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in summary:
+        impl = "vqtok" if r["impl"] == "vqtok" else "vqp"
+        u, p = r["usage"], r["psnr"]
+        lines.append(f"{r['family']:27s} {impl:9s} {'2^' + str(r['log2_codes']):>7s} {len(r['seeds']):5d} "
+                     f"{u['mean']:7.3f} [{u['min']:.3f}, {u['max']:.3f}] {p['mean']:8.2f} [{p['min']:.2f}, "
+                     f"{p['max']:.2f}] {r['ssim']['mean']:6.3f} {r['train_s']['mean']:7.1f} "
+                     f"{r['collapse_seeds']:>4d}/{len(r['seeds'])}")
+    return "\n".join(lines)
+
+
 def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: bool = True,
-              on_row: Callable[[dict], None] | None = None) -> dict:
-    """Train and evaluate every row; returns {"config", "held_out", "results", "seconds"}.
-    ``on_row`` gets that dict (results so far) after every row, e.g. to save partial results."""
+              on_row: Callable[[dict], None] | None = None, seeds: list[int] | None = None) -> dict:
+    """Train and evaluate every row at every seed of ``seeds`` (default: ``cfg.seed``; a row's
+    seeds run one after another); returns {"config", "held_out", "results", "seconds"}, and
+    "seed_summary" (``seed_summary``) when there is more than one seed. ``on_row`` gets that dict
+    (results so far) after every row, e.g. to save partial results."""
     from tqdm.auto import tqdm
 
+    seeds = [cfg.seed] if not seeds else list(dict.fromkeys(seeds))
     t0 = time.perf_counter()
-    train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)
+    train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)  # run_row reseeds it per row
     held_out_photos = photo_set(EVAL_PHOTOS, cfg.scales)
     held_out = tiles(held_out_photos, cfg.eval_tile)
     rows = vqtok_rows(cfg) + peer_rows(cfg)
@@ -607,12 +646,17 @@ def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: 
     held = {"photos": EVAL_PHOTOS, "scales": cfg.scales, "tiles": len(held_out),
             "tokens": len(held_out) * (cfg.eval_tile // 4) ** 2,
             "usage_tokens": dense_token_count(held_out_photos, cfg.eval_tile)}
-    res = {"config": dataclasses.asdict(cfg), "held_out": held, "results": [], "seconds": 0.0}
-    bar = tqdm(rows, desc="quantizer study", disable=not progress)
-    for row in bar:
-        bar.set_postfix_str(f"{row.family} {row.impl} 2^{row.log2_codes}")
-        res["results"].append(run_row(row, cfg, train, held_out, held_out_photos))
+    res = {"config": {**dataclasses.asdict(cfg), "seeds": seeds}, "held_out": held, "results": [],
+           "seconds": 0.0}
+    runs = [(row, seed) for row in rows for seed in (seeds if not row.skip else seeds[:1])]
+    bar = tqdm(runs, desc="quantizer study", disable=not progress)
+    for row, seed in bar:
+        bar.set_postfix_str(f"{row.family} {row.impl} 2^{row.log2_codes}" + (f" seed {seed}" if len(seeds) > 1 else ""))
+        res["results"].append({**run_row(row, dataclasses.replace(cfg, seed=seed), train, held_out,
+                                         held_out_photos), "seed": seed})
         res["seconds"] = time.perf_counter() - t0
+        if len(seeds) > 1:
+            res["seed_summary"] = seed_summary(res["results"])
         if progress:  # each row as it finishes (the full table is printed at the end)
             bar.write(format_table(res["results"][-1:]).splitlines()[-1])
         if on_row is not None:
@@ -656,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--held-in-usage", action="store_true",
                     help="also report usage on the dense views of the training photos (column held-in)")
+    ap.add_argument("--seeds", default="", metavar="S,S,...",
+                    help="run every row at each of these seeds (instead of seed); adds a mean [min, max] table")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a StudyConfig field (repeatable), e.g. --set seed=1 --set max_train_s=60")
     args = ap.parse_args(argv)
@@ -670,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     if args.held_in_usage:
         cfg = dataclasses.replace(cfg, held_in_usage=True)
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--seeds expects comma-separated integers, got {args.seeds!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     def save(res: dict) -> None:  # rewritten after every row, so an interrupted run keeps its rows
@@ -677,8 +727,12 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(res, f, indent=2)
 
     on_row = save if args.json and args.json != "-" else None
-    res = run_study(cfg, [s for s in args.rows.split(",") if s], progress=not args.no_progress, on_row=on_row)
+    res = run_study(cfg, [s for s in args.rows.split(",") if s], progress=not args.no_progress, on_row=on_row,
+                    seeds=seeds)
     print(format_table(res["results"]))
+    if res.get("seed_summary"):
+        print(f"\nover seeds {', '.join(map(str, res['config']['seeds']))}:")
+        print(format_seed_table(res["seed_summary"]))
     print(f"held-out: {', '.join(EVAL_PHOTOS)} at scales {cfg.scales}: PSNR/SSIM on {res['held_out']['tiles']} "
           f"tiles ({res['held_out']['tokens']} tokens), codebook health on {res['held_out']['usage_tokens']} tokens "
           f"(every 4 px phase, mirrored); {cfg.steps} steps x {cfg.batch} crops "

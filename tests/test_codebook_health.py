@@ -95,3 +95,39 @@ def test_perplexity_of_sparse_integer_counts():
     assert float(perplexity_of(torch.zeros(8, dtype=torch.int64))) == 1.0
     two = torch.tensor([[0, 0, 0, 5, 0, 0], [1, 1, 0, 0, 2, 0]])  # batched rows keep their zeros
     torch.testing.assert_close(perplexity_of(two), torch.tensor([1.0, 2.0 ** 1.5], dtype=torch.float64))
+
+
+def test_sparse_and_dense_updates_agree():
+    """A large codebook's batches are counted sparsely (update), a small one's and update_counts'
+    densely: the same histogram, EMA and stats either way, against the float64 formulas."""
+    k = 1 << 14
+    g = torch.Generator().manual_seed(0)
+    sparse, dense = CodebookHealth(k), CodebookHealth(k)
+    ref = torch.zeros(k, dtype=torch.float64)
+    for step in range(6):
+        idx = torch.randint(0, k // 4, (700,), generator=g) * 3  # < K / 8 ids: the sparse path
+        idx[:5] = -1  # dropped-layer ids are ignored
+        s = sparse.update(idx)
+        d = dense.update_counts(torch.bincount(idx[idx >= 0], minlength=k))
+        counts = torch.bincount(idx[idx >= 0], minlength=k).double()
+        ref = 0.99 * ref + 0.01 * counts / counts.sum()
+        assert torch.equal(sparse.histogram, dense.histogram)
+        torch.testing.assert_close(sparse.ema_probs, dense.ema_probs)
+        torch.testing.assert_close(sparse.ema_probs.double(), ref, rtol=1e-5, atol=1e-9)
+        for key in ("usage", "perplexity", "dead_codes", "ema_usage", "ema_perplexity", "collapse"):
+            torch.testing.assert_close(s[key], d[key], msg=key)
+        assert float(s["usage"]) == int((counts > 0).sum()) / k
+        assert float(s["perplexity"]) == pytest.approx(float(perplexity_of(counts)), rel=1e-6)
+        ema = ref / (1 - 0.99 ** (step + 1))
+        assert float(s["ema_perplexity"]) == pytest.approx(float(perplexity_of(ema)), rel=1e-5)
+        assert int(s["dead_codes"]) == int((ema < 0.03 / k).sum())
+
+
+def test_entropy_of_weights():
+    from vqtok.quantizers.health import entropy_of_weights
+
+    w = torch.tensor([0.0, 2.0, 1.0, 1.0, 0.0])
+    assert float(entropy_of_weights(w)) == pytest.approx(1.5 * math.log(2), rel=1e-6)  # (1/2, 1/4, 1/4)
+    assert float(entropy_of_weights(torch.zeros(4))) == 0.0
+    w = torch.rand(1 << 18, generator=torch.Generator().manual_seed(1)) ** 4 * 1e-5
+    assert float(entropy_of_weights(w)) == pytest.approx(math.log(float(perplexity_of(w.double()))), rel=1e-6)

@@ -129,6 +129,29 @@ def test_tiny_study_run_prints_table_and_json(qs, tmp_path, capsys):
     assert "vq-plain" in table and "YES" in table and "fsq" in table
 
 
+def test_seeds_run_each_row_per_seed_and_summarise(qs, tmp_path, capsys):
+    out = tmp_path / "seeds.json"
+    assert qs.main(["--quick", "--steps", "3", "--rows", "fsq/vqtok", "--seeds", "0,5,0", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["seeds"] == [0, 5]  # duplicates dropped
+    assert [r["seed"] for r in data["results"]] == [0, 5]
+    a, b = data["results"]
+    assert (a["usage"], a["psnr"]) != (b["usage"], b["psnr"])  # another seed: other crops, other init
+    (summary,) = data["seed_summary"]
+    assert (summary["family"], summary["seeds"]) == ("fsq", [0, 5])
+    assert summary["collapse_seeds"] == bool(a["collapse"]) + bool(b["collapse"])
+    for key in ("usage", "psnr", "ssim", "train_s"):
+        lo, hi = sorted((a[key], b[key]))
+        assert summary[key]["min"] == lo and summary[key]["max"] == hi
+        assert summary[key]["mean"] == pytest.approx((a[key] + b[key]) / 2)
+    printed = capsys.readouterr().out
+    assert "over seeds 0, 5:" in printed and f"{summary['usage']['mean']:7.3f} [" in printed
+    # one seed: no summary; a skipped row has no spread
+    assert qs.seed_summary([{**a, "seed": 0}, {"family": "x", "impl": "vqtok", "log2_codes": 10, "skipped": "s"}]) == []
+    with pytest.raises(SystemExit):
+        qs.main(["--quick", "--seeds", "0,one"])
+
+
 def test_slow_row_trains_for_the_time_cap(qs):
     cfg = dataclasses.replace(qs.QUICK, steps=50, probe_steps=2, max_train_s=1e-6)  # cut after 2 x 2 steps
     photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)

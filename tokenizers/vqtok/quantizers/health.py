@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import all_reduce_sum_
+from ._common import all_reduce_sum_, is_distributed
 
 MAX_TRACKED_CODES = 1 << 24  # the histogram costs 16 bytes per code
 
@@ -43,6 +43,18 @@ def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
     p = c / total.clamp_min(1e-300)
     ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)  # p = 0 gives 0 * log(1e-300) = 0
     return torch.exp(ent)
+
+
+def entropy_of_weights(w: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats, float64 scalar) of the distribution proportional to the non-negative 1-D
+    weights ``w``, from two reductions over ``w`` in its own dtype: s = sum w and
+    E = sum w log w (``torch.xlogy``, 0 log 0 = 0), then H = log s - E / s in float64; 0 when every
+    weight is 0. For the per-step EMA: normalising (or copying to float64) K floats per step first
+    would cost more than the training step's quantiser at 2^18 codes."""
+    s = w.sum().to(torch.float64)
+    if not float(s) > 0:
+        return torch.zeros((), dtype=torch.float64, device=w.device)
+    return torch.log(s) - torch.xlogy(w, w).sum().to(torch.float64) / s
 
 
 class CodebookHealth(nn.Module):
@@ -85,18 +97,33 @@ class CodebookHealth(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
 
     # ----------------------------------------------------------------------------------------
+    def _valid_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (any shape) -> 1-D int64 ids, negative ids (dropped layers) removed; range-checked."""
+        flat = indices.reshape(-1).to(torch.int64)
+        if not flat.numel():
+            return flat
+        lo, hi = torch.aminmax(flat)
+        if int(hi) >= self.codebook_size:
+            raise ValueError(f"indices must be < codebook_size={self.codebook_size}, got max {int(hi)}")
+        return flat if int(lo) >= 0 else flat[flat >= 0]
+
     def counts_of(self, indices: torch.Tensor) -> torch.Tensor:
         """Batch counts [K] int64 of indices (any shape); negative ids (dropped layers) are ignored."""
-        flat = indices.reshape(-1).to(torch.int64)
-        if flat.numel() and int(flat.max()) >= self.codebook_size:
-            raise ValueError(f"indices must be < codebook_size={self.codebook_size}, got max {int(flat.max())}")
-        flat = flat[flat >= 0]
-        return torch.bincount(flat, minlength=self.codebook_size)
+        return torch.bincount(self._valid_ids(indices), minlength=self.codebook_size)
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Count ``indices`` (all-reduced over ranks), update the running state, return stats."""
-        return self.update_counts(self.counts_of(indices), reduced=False)
+        """Count ``indices`` (all-reduced over ranks), update the running state, return stats.
+
+        In a single process (or with ``sync=False``) a batch of fewer than K / 8 ids is counted
+        sparsely, as its distinct ids and their counts: the histogram and EMA updates then touch
+        only those codes besides the EMA's decay, so a step costs a few passes over K floats."""
+        flat = self._valid_ids(indices)
+        if (self.sync and is_distributed()) or self.codebook_size <= 8 * flat.numel():
+            # dense counts: the collective needs them, and a small codebook's bincount beats a sort
+            return self.update_counts(torch.bincount(flat, minlength=self.codebook_size), reduced=False)
+        ids, counts = torch.unique(flat, return_counts=True)
+        return self._step(ids, counts)
 
     @torch.no_grad()
     def update_counts(self, counts: torch.Tensor, *, reduced: bool = False) -> dict[str, torch.Tensor]:
@@ -104,15 +131,20 @@ class CodebookHealth(nn.Module):
         if counts.shape != (self.codebook_size,):
             raise ValueError(f"counts must have shape ({self.codebook_size},), got {tuple(counts.shape)}")
         counts = counts.to(device=self.histogram.device, dtype=torch.int64)
-        if self.sync and not reduced:
+        if self.sync and not reduced and is_distributed():
             counts = all_reduce_sum_(counts.clone())
-        total = counts.sum()
-        if int(total) > 0:  # identical on every rank after the reduction
-            self.histogram += counts
-            p = counts.to(torch.float32) / total.to(torch.float32)
-            self.ema_probs.mul_(self.decay).add_(p, alpha=1.0 - self.decay)
+        ids = torch.nonzero(counts).reshape(-1)
+        return self._step(ids, counts[ids])
+
+    def _step(self, ids: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The running state's update from the batch's used ``ids`` and their ``counts`` (int64,
+        identical on every rank), and its stats."""
+        total = int(counts.sum())
+        if total > 0:
+            self.histogram.index_add_(0, ids, counts)
+            self.ema_probs.mul_(self.decay).index_add_(0, ids, counts.to(torch.float32), alpha=(1.0 - self.decay) / total)
             self.steps += 1
-        return self.stats(counts)
+        return self._stats(counts)
 
     # ----------------------------------------------------------------------------------------
     def corrected_probs(self) -> torch.Tensor:
@@ -123,30 +155,45 @@ class CodebookHealth(nn.Module):
         return self.ema_probs / (1.0 - self.decay**steps)
 
     def dead_mask(self, probs: torch.Tensor | None = None) -> torch.Tensor:
-        """Codes below dead_ratio / K of ``probs`` (default: corrected_probs())."""
-        probs = self.corrected_probs() if probs is None else probs
+        """Codes below dead_ratio / K of ``probs`` (default: corrected_probs(), compared as the
+        raw EMA against the threshold times the bias correction: no corrected copy)."""
+        if probs is None:
+            steps = int(self.steps)
+            scale = 1.0 - self.decay**steps if steps else 1.0
+            return self.ema_probs < self.dead_ratio / self.codebook_size * scale
         return probs < self.dead_ratio / self.codebook_size
 
     @torch.no_grad()
     def stats(self, counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Detached stats: batch usage/perplexity (when counts given) and the running state."""
+        """Detached stats: batch usage/perplexity (when counts [K] given) and the running state."""
+        if counts is None:
+            return self._stats(None)
+        counts = counts.reshape(-1)
+        return self._stats(counts[counts > 0])
+
+    def _stats(self, used: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``stats`` from the batch's nonzero counts ``used`` (any order; None: no batch). The EMA
+        perplexity is that of the raw EMA (the bias correction is a scale, which leaves it unchanged)."""
         k = self.codebook_size
         dev = self.histogram.device
-        probs = self.corrected_probs()
-        dead = self.dead_mask(probs).sum()
-        ema_ppl = perplexity_of(probs).to(torch.float32) if int(self.steps) else torch.tensor(0.0)
+        steps = int(self.steps)
+        dead = self.dead_mask().sum()
+        ema_ppl = torch.exp(entropy_of_weights(self.ema_probs)).to(torch.float32) if steps else torch.tensor(0.0)
         alive = 1.0 - dead.to(torch.float32) / k
         collapse = (alive < self.min_usage) | (ema_ppl.to(dev) < self.min_perplexity * k)
         out = {
             "dead_codes": dead,
             "ema_usage": alive,
             "ema_perplexity": ema_ppl.to(dev),
-            "collapse": collapse.to(torch.float32) if int(self.steps) else torch.zeros((), device=dev),
+            "collapse": collapse.to(torch.float32) if steps else torch.zeros((), device=dev),
             "histogram": self.histogram.detach(),
         }
-        if counts is not None:
-            out["usage"] = (counts > 0).sum().to(torch.float32) / k
-            out["perplexity"] = perplexity_of(counts).to(torch.float32)
+        if used is not None:
+            out["usage"] = torch.tensor(used.numel() / k, dtype=torch.float32, device=dev)
+            c = used.to(torch.float64)  # all > 0: exp(log T - sum c log c / T)
+            total = c.sum()
+            out["perplexity"] = torch.exp(torch.log(total) - (c * torch.log(c)).sum() / total).to(torch.float32) \
+                if used.numel() else torch.ones((), device=dev)
         return out
 
     def summary(self) -> dict[str, float]:
