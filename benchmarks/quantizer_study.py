@@ -9,16 +9,17 @@ vqtok.data's multi-scale sets). Training draws random ``crop``x``crop`` crops (w
 training photos; the held-out photos (retina, the stereo motorcycle pair, flower; the same split as
 vqtok.data) are never trained on. The autoencoder downsamples by 4 (a 32x32 crop is an 8x8 token
 grid) and standardises its latent per channel (``latent_norm``: BatchNorm without affine
-parameters, or ``RunningStandardize``, the same latent in training and evaluation). Every row trains the same architecture from the
-same seed with AdamW on MSE + the quantizer's own loss for ``steps`` steps; a row whose step time
-(timed after ``probe_steps`` warm-up steps) projects past ``max_train_s`` trains for the steps
-that fit in that time instead (the ``steps`` column), and no row's steps run past
-``max_train_s``. k-means rows first initialise from ``init_tokens_per_code`` x K tokens (EMA
-counts put back on the per-step scale) and restart codes whose EMA count falls below
-``restart_share`` of a uniform code's per-step share (at most 2), until ``restart_stop`` of the
-row's steps (default 0.6; 1.0: to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses
-the rotation trick, vqtok's VQ rows the estimator ``vq_estimator``. Each vqtok row's ``setup`` (the build_quantizer arguments: restarts,
-entropy terms) is in the JSON. ``--set KEY=VALUE`` overrides
+parameters, or ``RunningStandardize``, the same latent in training and evaluation). Every row
+trains the same architecture from the same seed (``--seeds``: at each of several seeds) with AdamW
+on MSE + the quantizer's own loss for ``steps`` steps; a row whose step time (timed after
+``probe_steps`` warm-up steps) projects past ``max_train_s`` trains for the steps that fit in
+that time instead (the ``steps`` column), and no row's steps run past ``max_train_s``. k-means
+rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put back on the
+per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
+code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.6; 1.0:
+to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
+trick, vqtok's VQ rows the estimator ``vq_estimator``. Each vqtok row's ``setup`` (the
+build_quantizer arguments: restarts, entropy terms) is in the JSON. ``--set KEY=VALUE`` overrides
 any ``StudyConfig`` field.
 
 Evaluation, two passes over the held-out photos:

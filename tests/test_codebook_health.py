@@ -131,3 +131,26 @@ def test_entropy_of_weights():
     assert float(entropy_of_weights(torch.zeros(4))) == 0.0
     w = torch.rand(1 << 18, generator=torch.Generator().manual_seed(1)) ** 4 * 1e-5
     assert float(entropy_of_weights(w)) == pytest.approx(math.log(float(perplexity_of(w.double()))), rel=1e-6)
+
+
+def test_health_bench_script(tmp_path, capsys):
+    """benchmarks/bench_codebook_health.py times CodebookHealth.update and reports its stats."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_codebook_health.py"
+    spec = importlib.util.spec_from_file_location("bench_codebook_health", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "h.json"
+    assert mod.main(["--bits", "4,12", "--tokens", "64", "--steps", "3", "--reps", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["codes"] for r in rows] == [16, 4096]
+    for r in rows:
+        assert 0 < r["min_us"] <= r["median_us"] <= r["max_us"] and r["reps"] == 2
+        assert 1 <= r["ema_perplexity"] <= r["codes"] and 0 <= r["dead_codes"] <= r["codes"]
+    assert rows[1]["dead_codes"] > 0  # 64 ids a step cannot keep 4096 codes alive
+    assert "2^12" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--bits", "30"])

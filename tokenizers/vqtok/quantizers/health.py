@@ -142,7 +142,8 @@ class CodebookHealth(nn.Module):
         total = int(counts.sum())
         if total > 0:
             self.histogram.index_add_(0, ids, counts)
-            self.ema_probs.mul_(self.decay).index_add_(0, ids, counts.to(torch.float32), alpha=(1.0 - self.decay) / total)
+            share = counts.to(torch.float32)
+            self.ema_probs.mul_(self.decay).index_add_(0, ids, share, alpha=(1.0 - self.decay) / total)
             self.steps += 1
         return self._stats(counts)
 

@@ -1,0 +1,83 @@
+"""Per-step cost of codebook health tracking (``CodebookHealth.update``) against the codebook size.
+
+Every vqtok quantizer updates its tracker once per training step: batch counts into the running
+histogram, the EMA usage distribution, then stats (batch usage and perplexity, EMA perplexity,
+dead codes, collapse). With a small batch and a large codebook (the quantizer study's 1536 tokens
+at 2^18 codes) that update is a fixed cost per step on top of the quantiser itself.
+
+Method: ``tokens`` random ids per step from a fixed generator, ``warmup`` steps, then ``reps``
+timings of ``steps`` consecutive updates each; the table gives the median time per update and the
+fastest and slowest of the ``reps``. torch threads: ``--threads`` (default torch's).
+
+    .venv/bin/python benchmarks/bench_codebook_health.py --threads 2
+    .venv/bin/python benchmarks/bench_codebook_health.py --bits 10,18 --tokens 1536 --json health.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from vqtok.metrics.codebook import CodebookHealth
+
+
+def measure(bits: int, tokens: int, steps: int = 32, reps: int = 9, warmup: int = 32, seed: int = 0) -> dict:
+    """Median / min / max microseconds per ``CodebookHealth.update`` of ``tokens`` ids over 2^bits codes."""
+    k = 1 << bits
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(k, (tokens,), generator=g) for _ in range(steps)]
+    health = CodebookHealth(k)
+    for i in range(warmup):
+        health.update(batches[i % steps])
+    per_step = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for idx in batches:
+            stats = health.update(idx)
+        per_step.append((time.perf_counter() - t0) / steps * 1e6)
+    return {"bits": bits, "codes": k, "tokens": tokens, "median_us": statistics.median(per_step),
+            "min_us": min(per_step), "max_us": max(per_step), "reps": reps, "steps_per_rep": steps,
+            "ema_perplexity": float(stats["ema_perplexity"]), "dead_codes": int(stats["dead_codes"])}
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'codes':>6s} {'tokens':>7s} {'median us':>10s} {'min us':>8s} {'max us':>8s} "
+            f"{'EMA ppl':>10s} {'dead':>7s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{'2^' + str(r['bits']):>6s} {r['tokens']:7d} {r['median_us']:10.0f} {r['min_us']:8.0f} "
+                     f"{r['max_us']:8.0f} {r['ema_perplexity']:10.1f} {r['dead_codes']:7d}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bits", default="10,14,18", help="comma-separated log2 codebook sizes")
+    ap.add_argument("--tokens", type=int, default=1536, help="ids per step (the quantizer study's batch)")
+    ap.add_argument("--steps", type=int, default=32, help="updates per timing")
+    ap.add_argument("--reps", type=int, default=9, help="timings per size (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--json", default=None, help="write the rows to this file")
+    args = ap.parse_args(argv)
+    try:
+        bits = [int(b) for b in args.bits.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--bits expects comma-separated integers, got {args.bits!r}")
+    if not bits or any(not 1 <= b <= 24 for b in bits) or args.tokens < 1 or args.steps < 1 or args.reps < 1:
+        ap.error("--bits must be in 1..24; --tokens, --steps and --reps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = [measure(b, args.tokens, args.steps, args.reps) for b in bits]
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "threads": torch.get_num_threads()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
