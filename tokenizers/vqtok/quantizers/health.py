@@ -191,10 +191,7 @@ class CodebookHealth(nn.Module):
         }
         if used is not None:
             out["usage"] = torch.tensor(used.numel() / k, dtype=torch.float32, device=dev)
-            c = used.to(torch.float64)  # all > 0: exp(log T - sum c log c / T)
-            total = c.sum()
-            out["perplexity"] = torch.exp(torch.log(total) - (c * torch.log(c)).sum() / total).to(torch.float32) \
-                if used.numel() else torch.ones((), device=dev)
+            out["perplexity"] = perplexity_of(used).to(torch.float32)
         return out
 
     def summary(self) -> dict[str, float]:
