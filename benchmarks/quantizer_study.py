@@ -29,7 +29,7 @@ Evaluation, two passes over the held-out photos:
   on the same grid at every phase of the 4 px token grid and mirrored (``dense_views``: 32 views,
   7.2M tokens, 27 per code at 2^18; ImageNet's 50k validation images at 16x16 tokens are 12.8M),
   encoder and quantizer only. Each row also prints ``ceiling`` = min(K, tokens) / K. The peers'
-  VectorQuantize indices in this pass come from ``vqtok.ops.nearest_code`` on its own codebook
+  VectorQuantize indices in both passes come from ``vqtok.ops.nearest_code`` on its own codebook
   (its forward builds the N x K distance matrix), checked against its forward on the first batch.
 
 Peers: vector-quantize-pytorch's VectorQuantize (EMA, kmeans_init, threshold_ema_dead_code,
@@ -84,6 +84,7 @@ class StudyConfig:
     restart_stop: float = 0.6  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
     vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
+    simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     lfq_entropy: tuple = (0.3, 0.3, 1.0)  # LFQ rows: entropy weight, temperature, per-sample term's weight
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
     big_sizes: tuple = (18,)  # extra log2 sizes for FSQ and LFQ
@@ -147,15 +148,17 @@ class Crops:
         self.g = torch.Generator().manual_seed(seed)
 
     def batch(self, n: int) -> torch.Tensor:
-        """[n, 3, crop, crop]: a photo uniformly, then a position uniformly, then a coin flip."""
-        out = []
-        for _ in range(n):
-            p = self.photos[int(torch.randint(len(self.photos), (1,), generator=self.g))]
-            y = int(torch.randint(p.shape[1] - self.crop + 1, (1,), generator=self.g))
-            x = int(torch.randint(p.shape[2] - self.crop + 1, (1,), generator=self.g))
+        """[n, 3, crop, crop]: a photo uniformly, then a position uniformly, then a coin flip (the
+        draws of the whole batch come from one call to the generator)."""
+        u = torch.rand(n, 4, generator=self.g, dtype=torch.float64).tolist()
+        out = torch.empty(n, 3, self.crop, self.crop)
+        for i, (up, uy, ux, uf) in enumerate(u):
+            p = self.photos[min(int(up * len(self.photos)), len(self.photos) - 1)]
+            y = min(int(uy * (p.shape[1] - self.crop + 1)), p.shape[1] - self.crop)
+            x = min(int(ux * (p.shape[2] - self.crop + 1)), p.shape[2] - self.crop)
             c = p[:, y : y + self.crop, x : x + self.crop]
-            out.append(c.flip(-1) if torch.rand((), generator=self.g) < 0.5 else c)
-        return torch.stack(out)
+            out[i] = c.flip(-1) if uf < 0.5 else c
+        return out
 
 
 def tiles(photos: list[torch.Tensor], tile: int) -> torch.Tensor:
@@ -315,6 +318,15 @@ class PeerAdapter(nn.Module):
         self.encode_checked = False
 
     def forward(self, z):
+        """The module's own forward in training. In eval mode VectorQuantize's output is its code
+        vector at the nearest code (no loss), which ``encode`` finds without the N x K matrix."""
+        cb = None if self.training else self._codebook()
+        if cb is None:
+            return self._module_forward(z)
+        idx = self.encode(z)
+        return SimpleNamespace(quantized=cb[idx].to(z.dtype).permute(0, 3, 1, 2), indices=idx, loss=z.new_zeros(()))
+
+    def _module_forward(self, z):
         b, d, h, w = z.shape
         out = self.module(z.flatten(2).transpose(1, 2))
         q, idx = out[0], out[1]
@@ -336,19 +348,23 @@ class PeerAdapter(nn.Module):
     def encode(self, z):
         """Indices [B, h, w] of the module in eval mode. For VectorQuantize, the exact nearest code
         of its own codebook by vqtok.ops.nearest_code (its forward builds the N x K distance
-        matrix); the first call checks that against the module's own forward."""
+        matrix); the first call checks indices and code vectors against the module's own forward."""
         cb = None if self.training else self._codebook()
         if cb is None:
-            return self.forward(z).indices
+            return self._module_forward(z).indices
         from vqtok.ops import nearest_code
 
         b, d, h, w = z.shape
         idx = nearest_code(z.flatten(2).transpose(1, 2).reshape(-1, d).float(), cb.float())[0].reshape(b, h, w)
         if not self.encode_checked:
-            own = self.forward(z[:64]).indices
-            agree = float((own == idx[:64]).float().mean())
+            own = self._module_forward(z[:64])
+            same = own.indices == idx[:64]
+            agree = float(same.float().mean())
             if agree < 0.999:
                 raise RuntimeError(f"nearest_code agrees with the peer's own indices on only {agree:.4f} of tokens")
+            q = cb[idx[:64]].to(z.dtype).permute(0, 3, 1, 2)
+            if not torch.allclose(own.quantized.permute(0, 2, 3, 1)[same], q.permute(0, 2, 3, 1)[same]):
+                raise RuntimeError("the peer's eval output is not its code vector at the returned index")
             self.encode_checked = True
         return idx
 
@@ -406,7 +422,7 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
                        **restart),
             _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
                        kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator),
-            _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std),
+            _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std, beta=cfg.simvq_beta),
             _vqtok_row("bsq", b, "bsq", cfg, bits=b, **BSQ_ENTROPY),
         ]
     for b in (*cfg.sizes, *cfg.big_sizes):

@@ -241,3 +241,25 @@ def test_build_quantizer_and_config_accept_entropy_keys():
     cfg.quantizer = {"name": "fsq", "levels": [8, 5, 5, 5], "entropy_weight": -1.0}
     with pytest.raises(ConfigError, match="entropy_weight"):
         check_quantizer(cfg)
+
+
+def test_fsq_entropy_bench_script(tmp_path, capsys):
+    """benchmarks/bench_fsq_entropy.py times fwd+bwd of fsq_entropy and reports the GEMM work."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fsq_entropy.py"
+    spec = importlib.util.spec_from_file_location("bench_fsq_entropy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "f.json"
+    assert mod.main(["--levels", "4,3", "--levels", "8,5,5", "--tokens", "7,64", "--reps", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["codes"], r["tokens"]) for r in rows] == [(12, 7), (12, 64), (200, 7), (200, 64)]
+    for r in rows:
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["reps"] == 2 and r["grad_finite"]
+        assert r["gflop"] == pytest.approx(6 * r["tokens"] * r["codes"] / 1e9)
+    assert "8,5,5" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--levels", "1,4"])

@@ -53,6 +53,23 @@ def test_held_out_photos_are_disjoint_and_tiles_in_range(qs):
     crops = qs.Crops([photo], 32, seed=0)
     b = crops.batch(5)
     assert b.shape == (5, 3, 32, 32)
+    # every crop is a window of one of the photos, plain or mirrored; every position and both
+    # flips occur; the same seed gives the same crops
+    small = [torch.arange(3 * 5 * 6, dtype=torch.float32).reshape(3, 5, 6), -torch.ones(3, 4, 4)]
+    crops = qs.Crops(small, 4, seed=1)
+    seen = set()
+    for c in crops.batch(400):
+        if float(c[0, 0, 0]) < 0:
+            assert torch.equal(c, small[1])
+            seen.add("second")
+            continue
+        flip = bool(c[0, 0, 0] > c[0, 0, -1])
+        w = c.flip(-1) if flip else c
+        y, x = divmod(int(w[0, 0, 0]), 6)
+        assert torch.equal(w, small[0][:, y : y + 4, x : x + 4])
+        seen.add((y, x, flip))
+    assert seen == {"second"} | {(y, x, f) for y in range(2) for x in range(3) for f in (False, True)}
+    assert torch.equal(qs.Crops(small, 4, seed=1).batch(7), qs.Crops(small, 4, seed=1).batch(7))
     t = qs.tiles([photo, photo[:, :40, :]], 32)
     assert t.shape[0] == (photo.shape[1] // 32) * (photo.shape[2] // 32) + photo.shape[2] // 32
     with pytest.raises(ValueError, match="crop=128"):
@@ -246,7 +263,10 @@ def test_peer_vq_held_out_indices_are_its_nearest_codes(qs):
     idx = peer.encode(z)
     assert peer.encode_checked and idx.shape == (70, 5, 5)
     with torch.no_grad():
-        assert torch.equal(idx, peer(z).indices)
+        own, fast = peer._module_forward(z), peer(z)  # eval forward: nearest_code + code vectors
+        assert torch.equal(idx, own.indices) and torch.equal(fast.indices, own.indices)
+        torch.testing.assert_close(fast.quantized, own.quantized)
+        assert float(fast.loss) == 0
     shifted = peer.module._codebook.embed.data[0] - torch.tensor([2.0, 0, 0, 0])
     peer.encode_checked = False  # the check refuses indices the module's own forward disagrees with
     peer._codebook = lambda: shifted

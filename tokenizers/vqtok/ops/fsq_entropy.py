@@ -19,8 +19,9 @@ and a token's distribution over the K = prod(L_d) codes is the product ``P_n(c) 
   ``P2 [N, K2]`` are outer products of the per-dim p_nd within each group, so
   ``pbar = P1^T P2 / N`` (one K1 x K2 GEMM, chunked over N; never an N x K matrix).
   Backward: ``G = dH/dpbar`` (centred: every P_n sums to 1, so a constant shift of G changes no
-  gradient), ``dP1 = P2 G^T / N``, ``dP2 = P1 G / N``, then autograd through each chunk's
-  recomputed outer products and the per-dim softmaxes.
+  gradient), ``dP1 = P2 G^T / N``, ``dP2 = P1 G / N``, then in closed form to each dim's
+  log-probabilities (``d P[c] / d log p_d(j) = P[c] [c_d = j]``: sums of ``dP * P`` over the codes
+  with digit j) and by autograd through the per-dim log-softmaxes.
 
 Entropies are in nats, ``-p log p`` with ``0 log 0 = 0`` and no clamp (lfq_entropy's ``exact`` mode:
 uniform usage of 2^18 codes is pbar ~ 3.8e-6). Probabilities below sqrt(smallest normal) are flushed
@@ -88,8 +89,8 @@ def split_dims(levels: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def dim_probs(h: torch.Tensor, levels: list[int], temperature: float):
-    """h [N, d] (compute dtype) -> (p, log p) [N, d, Lmax] of each dim's soft assignment over its
-    grid; entries past L_d are p = 0, log p = 0 (differentiable)."""
+    """h [N, d] (compute dtype) -> (p, log p, raw log p) [N, d, Lmax] of each dim's soft assignment
+    over its grid; entries past L_d are p = 0, log p = 0, raw log p = -inf (differentiable)."""
     half_l, offset, shift, half_width = fsq_constants(levels, dtype=h.dtype, device=h.device)
     u = torch.tanh(h + shift) * half_l - offset  # [N, d], level units
     lmax = max(levels)
@@ -99,20 +100,34 @@ def dim_probs(h: torch.Tensor, levels: list[int], temperature: float):
     logits = (-(u[:, :, None] - grid) ** 2 / temperature).masked_fill(pad, -math.inf)
     logp = torch.log_softmax(logits, -1)
     # clamp: a logit that overflowed to -inf (absurdly small tau) must give 0 log 0 = 0, not NaN
-    return logp.exp(), logp.masked_fill(pad, 0.0).clamp(min=torch.finfo(h.dtype).min)
+    return logp.exp(), logp.masked_fill(pad, 0.0).clamp(min=torch.finfo(h.dtype).min), logp
 
 
 def group_probs_t(p: torch.Tensor, dims: tuple[int, ...], levels: list[int]) -> torch.Tensor:
     """p [m, d, Lmax] -> P^T [prod(L of dims), m]: per-token probabilities of the group's codes,
-    first dim of the group least significant; entries below the flush threshold set to 0.
-    Differentiable (not in place)."""
+    first dim of the group least significant (so the rows view as [L_dk, ..., L_d1, m]); entries
+    below the flush threshold set to 0."""
     m = p.shape[0]
     thr = flush_threshold(p.dtype)
     out = p.new_ones(1, m)
     for d in dims:
-        pd = F.threshold(p[:, d, : levels[d]].t(), thr, 0.0)  # [L_d, m]
-        out = F.threshold((pd[:, None, :] * out[None, :, :]).reshape(-1, m), thr, 0.0)
+        pd = F.threshold(p[:, d, : levels[d]].t().contiguous(), thr, 0.0)  # [L_d, m], rows contiguous
+        out = F.threshold_((pd[:, None, :] * out[None, :, :]).reshape(-1, m), thr, 0.0)
     return out
+
+
+def _group_grad_(grad: torch.Tensor, pt: torch.Tensor, dpt: torch.Tensor, dims: tuple[int, ...],
+                 levels: list[int]) -> None:
+    """grad [m, d, Lmax] += d/d log p of sum_c dP[c, n] P[c, n] for one group: with
+    d P[c, n] / d log p_nd(j) = P[c, n] [c_d = j], entry (n, d, j) is the sum of w = dP * P over the
+    group's codes whose digit d is j. dpt is overwritten."""
+    m = pt.shape[1]
+    w = dpt.mul_(pt).view(*(levels[d] for d in reversed(dims)), m)
+    axes = list(range(len(dims)))
+    for i, d in enumerate(dims):
+        ax = len(dims) - 1 - i  # the group's first dim is the innermost axis
+        rest = [a for a in axes if a != ax]
+        grad[:, d, : levels[d]] += (w.sum(rest) if rest else w).t()
 
 
 def pbar_sum(p: torch.Tensor, groups, levels: list[int], chunk: int) -> torch.Tensor:
@@ -126,23 +141,26 @@ def pbar_sum(p: torch.Tensor, groups, levels: list[int], chunk: int) -> torch.Te
 
 
 def pbar_backward(p: torch.Tensor, groups, levels: list[int], chunk: int, g: torch.Tensor) -> torch.Tensor:
-    """grad w.r.t. p [N, d, Lmax] of sum(g * P1^T P2) for g [K1, K2]."""
+    """grad w.r.t. log p [N, d, Lmax] of sum(g * P1^T P2) for g [K1, K2] (p detached; 0 past L_d)."""
     g1, g2 = groups
     grad = torch.zeros_like(p)
     for r in range(0, p.shape[0], chunk):
-        pc = p[r : r + chunk].detach().requires_grad_()
-        with torch.enable_grad():
-            p1t, p2t = group_probs_t(pc, g1, levels), group_probs_t(pc, g2, levels)
-        pairs = [(p1t, g @ p2t.detach()), (p2t, g.t() @ p1t.detach())]  # dP1^T = G P2^T, dP2^T = G^T P1^T
-        pairs = [(t, dt) for t, dt in pairs if t.requires_grad]  # an empty group is constant
-        (grad[r : r + chunk],) = torch.autograd.grad([t for t, _ in pairs], pc, [dt for _, dt in pairs])
+        pc = p[r : r + chunk]
+        p1t, p2t = group_probs_t(pc, g1, levels), group_probs_t(pc, g2, levels)
+        dp1t, dp2t = g @ p2t, g.t() @ p1t  # dP1^T = G P2^T, dP2^T = G^T P1^T
+        _group_grad_(grad[r : r + chunk], p1t, dp1t, g1, levels)
+        _group_grad_(grad[r : r + chunk], p2t, dp2t, g2, levels)
     return grad
 
 
 class _CodebookEntropy(torch.autograd.Function):
+    """H(pbar) from p [N, d, Lmax]; differentiable w.r.t. log p (the raw log-softmax, -inf past L_d),
+    whose gradient comes in closed form (``_group_grad_``) instead of autograd through the products."""
+
     @staticmethod
-    def forward(ctx, p, groups, levels, chunk, dist_info, n_global):
-        pbar = _all_reduce_(pbar_sum(p.detach(), groups, levels, chunk), dist_info).div_(n_global)
+    def forward(ctx, logp, p, groups, levels, chunk, dist_info, n_global):
+        p = p.detach()
+        pbar = _all_reduce_(pbar_sum(p, groups, levels, chunk), dist_info).div_(n_global)
         ctx.save_for_backward(p, pbar)
         ctx.groups, ctx.levels, ctx.chunk, ctx.n_global = groups, levels, chunk, n_global
         ctx.world = dist_info[1] if dist_info else 1
@@ -154,8 +172,8 @@ class _CodebookEntropy(torch.autograd.Function):
         g = centered_entropy_grad(pbar, "exact").mul_(gh * ctx.world / ctx.n_global)
         del pbar
         with torch.autocast(p.device.type, enabled=False):
-            grad = pbar_backward(p.detach(), ctx.groups, ctx.levels, ctx.chunk, g)
-        return grad, None, None, None, None, None
+            grad = pbar_backward(p, ctx.groups, ctx.levels, ctx.chunk, g)
+        return grad, None, None, None, None, None, None
 
 
 def fsq_entropy(
@@ -205,7 +223,7 @@ def fsq_entropy(
     k1 = math.prod(levels[i] for i in groups[0])
     rows = max(1, min(max(x.shape[0], 1), chunk if chunk is not None else max(64, _CHUNK_ELEMS // (k1 + k // k1))))
     with torch.autocast(x.device.type, enabled=False):
-        p, logp = dim_probs(x.to(dtype), levels, float(temperature))
+        p, logp, raw_logp = dim_probs(x.to(dtype), levels, float(temperature))
         per_sample = _GlobalMean.apply(-(p * logp).sum(), n_global, dist_info)
-        codebook = _CodebookEntropy.apply(p, groups, levels, rows, dist_info, n_global)
+        codebook = _CodebookEntropy.apply(raw_logp, p, groups, levels, rows, dist_info, n_global)
     return per_sample, codebook

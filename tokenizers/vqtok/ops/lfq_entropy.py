@@ -77,7 +77,7 @@ def half_probs_t(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     """
     n, k = a.shape
     thr = flush_threshold(a.dtype)
-    at = a.t()
+    at = a.t().contiguous()  # rows p[b] contiguous: a strided row makes every broadcast multiply scalar
     p, q = F.threshold(torch.sigmoid(at), thr, 0.0), F.threshold(torch.sigmoid(-at), thr, 0.0)
     out = a.new_empty(1 << k, n) if out is None else out
     out[:1] = 1
@@ -213,17 +213,18 @@ def pbar_sum(a: torch.Tensor, b1: int, chunk: int) -> torch.Tensor:
     return acc
 
 
-def _half_grad(pt: torch.Tensor, dpt: torch.Tensor, a_half: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """[m, k]: d/da of sum_c dP[c, n] P[c, n] with d log P/d a_nb = bit_b(c) - p_nb. dpt is overwritten."""
+def _half_grad(pt: torch.Tensor, dpt: torch.Tensor, a_half: torch.Tensor, bits_t: torch.Tensor) -> torch.Tensor:
+    """[m, k]: d/da of sum_c dP[c, n] P[c, n] with d log P/d a_nb = bit_b(c) - p_nb. dpt is overwritten;
+    bits_t [k, 2^k] is bits_matrix transposed (contiguous: the GEMM then runs along w's rows)."""
     w = dpt.mul_(pt)  # [2^k, m]
-    return torch.mm(w.t(), bits) - torch.sigmoid(a_half) * w.sum(0)[:, None]
+    return torch.mm(bits_t, w).t() - torch.sigmoid(a_half) * w.sum(0)[:, None]
 
 
 def pbar_backward(a: torch.Tensor, b1: int, chunk: int, g: torch.Tensor) -> torch.Tensor:
     """grad w.r.t. a [N, B] of sum(g * P1^T P2) for g [2^B1, 2^B2]."""
     n, bits = a.shape
     b2 = bits - b1
-    bits1, bits2 = bits_matrix(b1, a.dtype, a.device), bits_matrix(b2, a.dtype, a.device)
+    bits1, bits2 = (bits_matrix(k, a.dtype, a.device).t().contiguous() for k in (b1, b2))
     grad = torch.empty_like(a)
     m0 = min(chunk, n)
     buf1, buf2 = a.new_empty(1 << b1, m0), a.new_empty(1 << b2, m0)
