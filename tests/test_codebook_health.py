@@ -135,14 +135,11 @@ def test_entropy_of_weights():
 
 def test_health_bench_script(tmp_path, capsys):
     """benchmarks/bench_codebook_health.py times CodebookHealth.update and reports its stats."""
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_codebook_health.py"
-    spec = importlib.util.spec_from_file_location("bench_codebook_health", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts import load_script
+
+    mod = load_script("benchmarks/bench_codebook_health.py")
     out = tmp_path / "h.json"
     assert mod.main(["--bits", "4,12", "--tokens", "64", "--steps", "3", "--reps", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

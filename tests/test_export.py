@@ -267,14 +267,11 @@ def test_torchrun_two_processes_equal_single_process(tmp_path, saved, one_thread
 
 
 def test_train_tiny_gpt_example_learns_from_exported_tokens(tmp_path, saved, one_thread):
-    import importlib.util
+    from scripts import load_script
 
     out = tmp_path / "tokens"
     encode_dataset(saved["image"], "builtin:images", out, layout="bin", shard_size=8, limit=20, progress=False)
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_tiny_gpt.py"
-    spec = importlib.util.spec_from_file_location("train_tiny_gpt", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/train_tiny_gpt.py")
     # tiny matmuls (one_thread: threads only add contention)
     losses = example.main(["--tokens", str(out), "--steps", "30", "--block-size", "32", "--batch-size", "8",
                            "--dim", "32", "--layers", "1"])

@@ -245,14 +245,11 @@ def test_build_quantizer_and_config_accept_entropy_keys():
 
 def test_fsq_entropy_bench_script(tmp_path, capsys):
     """benchmarks/bench_fsq_entropy.py times fwd+bwd of fsq_entropy and reports the GEMM work."""
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fsq_entropy.py"
-    spec = importlib.util.spec_from_file_location("bench_fsq_entropy", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from scripts import load_script
+
+    mod = load_script("benchmarks/bench_fsq_entropy.py")
     out = tmp_path / "f.json"
     assert mod.main(["--levels", "4,3", "--levels", "8,5,5", "--tokens", "7,64", "--reps", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -247,13 +247,9 @@ def test_fsq_indices_to_codes(dtype):
 
 def test_check_tanh_bits_script(isa):
     """benchmarks/check_tanh_bits.py walks every fp32 pattern below its limit, both signs."""
-    import importlib.util
-    import pathlib
+    from scripts import load_script
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "check_tanh_bits.py"
-    spec = importlib.util.spec_from_file_location("check_tanh_bits", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/check_tanh_bits.py")
     res = mod.check(1e-38, progress=False)
     top = int(torch.tensor([1e-38]).view(torch.int32))
     assert res["isa"] == isa and res["inputs"] == 2 * top and res["mismatches"] == 0

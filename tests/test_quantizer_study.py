@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quantizer_study.py"
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def qs():
-    spec = importlib.util.spec_from_file_location("quantizer_study", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/quantizer_study.py")
 
 
 def test_rows_cover_every_family_and_size(qs):
