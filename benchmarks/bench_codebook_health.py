@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from vqtok.bench.report import format_table
 from vqtok.metrics.codebook import CodebookHealth
 
 
@@ -45,13 +46,9 @@ def measure(bits: int, tokens: int, steps: int = 32, reps: int = 9, warmup: int 
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'codes':>6s} {'tokens':>7s} {'median us':>10s} {'min us':>8s} {'max us':>8s} "
-            f"{'EMA ppl':>10s} {'dead':>7s}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{'2^' + str(r['bits']):>6s} {r['tokens']:7d} {r['median_us']:10.0f} {r['min_us']:8.0f} "
-                     f"{r['max_us']:8.0f} {r['ema_perplexity']:10.1f} {r['dead_codes']:7d}")
-    return "\n".join(lines)
+    return format_table([{"codes": f"2^{r['bits']}", "tokens": r["tokens"], "median us": round(r["median_us"]),
+                          "min us": round(r["min_us"]), "max us": round(r["max_us"]),
+                          "EMA ppl": round(r["ema_perplexity"], 1), "dead": r["dead_codes"]} for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from vqtok.bench.report import format_table
 from vqtok.ops.fsq_entropy import fsq_entropy
 
 # the quantizer study's FSQ levels at 2^10, 2^14 and 2^18 codes
@@ -55,13 +56,10 @@ def measure(levels: list[int], tokens: int, temperature: float = 0.5, reps: int 
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'levels':>14s} {'codes':>7s} {'tokens':>7s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} "
-            f"{'GFLOP':>7s} {'GFLOP/s':>8s}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{','.join(map(str, r['levels'])):>14s} {r['codes']:7d} {r['tokens']:7d} {r['median_ms']:10.2f} "
-                     f"{r['min_ms']:8.2f} {r['max_ms']:8.2f} {r['gflop']:7.2f} {r['gflops']:8.1f}")
-    return "\n".join(lines)
+    return format_table([{"levels": ",".join(map(str, r["levels"])), "codes": r["codes"], "tokens": r["tokens"],
+                          "median ms": round(r["median_ms"], 2), "min ms": round(r["min_ms"], 2),
+                          "max ms": round(r["max_ms"], 2), "GFLOP": round(r["gflop"], 2),
+                          "GFLOP/s": round(r["gflops"], 1)} for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
