@@ -50,10 +50,15 @@ import dataclasses
 import functools
 import json
 import math
+import queue
+import subprocess
 import sys
+import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
@@ -89,8 +94,9 @@ class StudyConfig:
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
     big_sizes: tuple = (18,)  # extra log2 sizes for FSQ and LFQ
     peer_lfq_max_gib: float = 2.0
-    probe_steps: int = 10      # steps timed (after as many warm-up steps) against max_train_s
-    max_train_s: float = 90.0   # a row projected to train longer gets the steps that fit in this time
+    probe_steps: int = 10      # steps timed (after as many warm-up steps) against the budget
+    budget: float = 4.0        # a row's steps may cost up to this x the autoencoder's own (no quantizer)
+    max_train_s: float = 900.0  # and its steps never take longer than this (s)
     held_in_usage: bool = False  # also measure usage on the dense views of the training photos
     seed: int = 0
 
@@ -510,20 +516,67 @@ def learning_rate(cfg: StudyConfig, step: int, steps: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# the budget: a row's step time against the autoencoder's own, measured in the same process
+# --------------------------------------------------------------------------------------------
+class PassThrough(nn.Module):
+    """No quantizer: the latent goes to the decoder as it is (the budget's reference model)."""
+
+    def forward(self, z):
+        return SimpleNamespace(quantized=z, indices=None, loss=z.new_zeros(()), stats={})
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor):
+    """One optimiser step on MSE + the quantizer's loss; returns the model's output and the loss."""
+    out = model(x)
+    loss = F.mse_loss(out.recon, x) + out.quant.loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return out, loss
+
+
+def base_step_s(cfg: StudyConfig, train: Crops) -> float:
+    """Seconds per training step of the autoencoder without a quantizer (``PassThrough``): the
+    median of ``probe_steps`` steps after as many warm-up steps, on ``train``'s crops. Rows measure
+    it just before they train, so their cost (step time / this) does not move with the machine's
+    speed, which on a shared virtual machine changes from minute to minute."""
+    model = StudyAE(PassThrough(), cfg.latent_dim, cfg.width, cfg.latent_norm)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    times = []
+    for _ in range(2 * cfg.probe_steps):
+        x = train.batch(cfg.batch)
+        t = time.perf_counter()
+        train_step(model, opt, x)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[cfg.probe_steps:]))
+
+
+def budget_steps(cfg: StudyConfig, step_s: float, base_s: float) -> int:
+    """The steps a row runs when each costs ``step_s`` seconds and the autoencoder's own ``base_s``:
+    all ``cfg.steps`` when they fit in ``budget`` x the autoencoder's ``cfg.steps`` steps and in
+    ``max_train_s``, else the steps that fit (at least 2 x ``probe_steps``, the ones already run)."""
+    fit = min(cfg.steps * cfg.budget * base_s / step_s, cfg.max_train_s / step_s)
+    return max(2 * cfg.probe_steps, min(cfg.steps, int(fit)))
+
+
+# --------------------------------------------------------------------------------------------
 # one row: train, then evaluate on the held-out crops
 # --------------------------------------------------------------------------------------------
 def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             held_out_photos: list[torch.Tensor]) -> dict:
     """Train one row, then evaluate: reconstruction on the ``held_out`` tiles, codebook health on
-    every ``dense_views`` view of ``held_out_photos``. A row whose steps (timed over steps
-    probe_steps+1 .. 2 probe_steps, after k-means init and warm-up) project past ``max_train_s``
-    trains for the steps that fit in ``max_train_s`` (``steps`` in the result says how many); any
-    row also stops once its steps have taken ``max_train_s``."""
+    every ``dense_views`` view of ``held_out_photos``. The row's step time (median of steps
+    probe_steps+1 .. 2 probe_steps, after k-means init and warm-up) against the autoencoder's own
+    (``base_step_s``, measured first) sets its steps (``budget_steps``; ``steps`` in the result);
+    a row whose steps then run past 1.25 x that budget, or ``max_train_s``, stops there."""
     from vqtok.evaluate import evaluate
 
     base = {"family": row.family, "impl": row.impl, "log2_codes": row.log2_codes, "setup": row.setup}
     if row.skip:
         return {**base, "skipped": row.skip}
+    base_s = base_step_s(cfg, train)  # before the row's seeds: its crops and weights do not see it
+    stop_s = min(cfg.max_train_s, 1.25 * cfg.budget * cfg.steps * base_s)
     torch.manual_seed(cfg.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -540,7 +593,7 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             _rescale_ema_counts(model.quantizer, cfg.tokens_per_step / (n * (cfg.crop // 4) ** 2))
     steps = cfg.steps
     t_steps = time.perf_counter()
-    restarting, restarts = True, []  # restarts: codes restarted at each step (vqtok rows)
+    restarting, restarts, probe = True, [], []  # restarts: codes restarted at each step (vqtok rows)
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step, steps)
@@ -548,23 +601,20 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             stop_restarts(model.quantizer)
             restarting = False
         x = train.batch(cfg.batch)
-        out = model(x)
+        t = time.perf_counter()
+        out, loss = train_step(model, opt, x)
         restarts.append(restarts_in(getattr(out.quant, "stats", None) or {}))
-        loss = F.mse_loss(out.recon, x) + out.quant.loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step + 1 == cfg.probe_steps:  # time steps probe_steps+1 .. 2 probe_steps (after warm-up)
-            t_probe = time.perf_counter()
-        if step + 1 == 2 * cfg.probe_steps:  # a row too slow for the cap trains for the cap instead
-            per_step = (time.perf_counter() - t_probe) / cfg.probe_steps
-            steps = max(step + 1, min(cfg.steps, int(cfg.max_train_s / per_step)))
+        if cfg.probe_steps <= step < 2 * cfg.probe_steps:
+            probe.append(time.perf_counter() - t)
+        if step + 1 == 2 * cfg.probe_steps:  # a row over the budget trains for the steps that fit in it
+            steps = budget_steps(cfg, float(np.median(probe)), base_s)
         if step + 1 == steps:
             break
-        if step + 1 >= 2 * cfg.probe_steps and time.perf_counter() - t_steps >= cfg.max_train_s:
-            # steps slower than the probe projected (a neighbour on the cores): stop at the cap
+        if step + 1 >= 2 * cfg.probe_steps and time.perf_counter() - t_steps >= stop_s:
+            # steps slower than the probe projected (a neighbour on the cores): stop
             steps = step + 1
             break
+    steps_s = time.perf_counter() - t_steps
     train_s = time.perf_counter() - t0
     reported = any(r is not None for r in restarts)
     m = evaluate(model, torch.utils.data.TensorDataset(held_out), batch_size=64, lpips=False, fid=False,
@@ -583,6 +633,8 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             "usage": health["usage"], "perplexity": health["perplexity"], "dead_codes": health["dead_codes"],
             "collapse": health["collapse"], "tokens": health["tokens"], "psnr": m["psnr"], "ssim": m["ssim"],
             "steps": steps, "train_s": train_s, "eval_s": m["seconds"] + time.perf_counter() - t1,
+            # the row's mean step time against the autoencoder's own (no quantizer), same process
+            "base_step_ms": 1e3 * base_s, "cost": steps_s / steps / base_s,
             "final_loss": float(loss.detach()), "layers": health.get("layers", []),
             # codes restarted over the row, and in its last tenth of steps (None: never reported)
             "restarts": sum(r or 0 for r in restarts) if reported else None,
@@ -592,7 +644,7 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
 
 def format_table(results: list[dict]) -> str:
     head = (f"{'family':27s} {'impl':9s} {'codes':>7s} {'usage':>6s} {'perplex':>8s} {'dead':>7s} "
-            f"{'collapse':>8s} {'PSNR':>6s} {'SSIM':>6s} {'steps':>5s} {'train_s':>7s} {'ceiling':>7s}")
+            f"{'collapse':>8s} {'PSNR':>6s} {'SSIM':>6s} {'steps':>5s} {'train_s':>7s} {'cost':>5s} {'ceiling':>7s}")
     if any("held_in_usage" in r for r in results):
         head += f" {'held-in':>7s}"
     lines = [head, "-" * len(head)]
@@ -605,7 +657,8 @@ def format_table(results: list[dict]) -> str:
         held_in = f" {r['held_in_usage']:7.3f}" if "held_in_usage" in r else ""
         lines.append(f"{r['family']:27s} {impl:9s} {codes:>7s} {r['usage']:6.3f} {r['perplexity']:8.1f} "
                      f"{r['dead_codes']:7d} {'YES' if r['collapse'] else 'no':>8s} {r['psnr']:6.2f} "
-                     f"{r['ssim']:6.3f} {r['steps']:5d} {r['train_s']:7.1f} {r['usage_ceiling']:7.3f}{held_in}")
+                     f"{r['ssim']:6.3f} {r['steps']:5d} {r['train_s']:7.1f} {r['cost']:5.2f} {r['usage_ceiling']:7.3f}"
+                     f"{held_in}")
     return "\n".join(lines)
 
 
@@ -644,41 +697,135 @@ def format_seed_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def study_rows(cfg: StudyConfig) -> list[Row]:
+    """Every row of the study, in table order: vqtok's, then the peers'."""
+    return vqtok_rows(cfg) + peer_rows(cfg)
+
+
 def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: bool = True,
-              on_row: Callable[[dict], None] | None = None, seeds: list[int] | None = None) -> dict:
-    """Train and evaluate every row at every seed of ``seeds`` (default: ``cfg.seed``; a row's
-    seeds run one after another); returns {"config", "held_out", "results", "seconds"}, and
-    "seed_summary" (``seed_summary``) when there is more than one seed. ``on_row`` gets that dict
-    (results so far) after every row, e.g. to save partial results."""
+              on_row: Callable[[dict], None] | None = None, seeds: list[int] | None = None,
+              jobs: int = 1, threads: int | None = None) -> dict:
+    """Train and evaluate every row at every seed of ``seeds`` (default: ``cfg.seed``); returns
+    {"config", "held_out", "results", "seconds"}, and "seed_summary" (``seed_summary``) when there
+    is more than one seed. ``jobs`` > 1 runs rows in that many worker processes at once
+    (``run_in_workers``) with ``threads`` // ``jobs`` torch threads each; results stay in table
+    order. ``on_row`` gets that dict (results so far) after every row, e.g. to save them."""
     from tqdm.auto import tqdm
 
     seeds = [cfg.seed] if not seeds else list(dict.fromkeys(seeds))
     t0 = time.perf_counter()
-    train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)  # run_row reseeds it per row
     held_out_photos = photo_set(EVAL_PHOTOS, cfg.scales)
     held_out = tiles(held_out_photos, cfg.eval_tile)
-    rows = vqtok_rows(cfg) + peer_rows(cfg)
-    if rows_filter:
-        rows = [r for r in rows if any(f in f"{r.family}/{r.impl}/2^{r.log2_codes}" for f in rows_filter)]
+    rows = study_rows(cfg)
+    picked = [i for i, r in enumerate(rows)
+              if not rows_filter or any(f in f"{r.family}/{r.impl}/2^{r.log2_codes}" for f in rows_filter)]
     held = {"photos": EVAL_PHOTOS, "scales": cfg.scales, "tiles": len(held_out),
             "tokens": len(held_out) * (cfg.eval_tile // 4) ** 2,
             "usage_tokens": dense_token_count(held_out_photos, cfg.eval_tile)}
     res = {"config": {**dataclasses.asdict(cfg), "seeds": seeds}, "held_out": held, "results": [],
-           "seconds": 0.0}
-    runs = [(row, seed) for row in rows for seed in (seeds if not row.skip else seeds[:1])]
-    bar = tqdm(runs, desc="quantizer study", disable=not progress)
-    for row, seed in bar:
-        bar.set_postfix_str(f"{row.family} {row.impl} 2^{row.log2_codes}" + (f" seed {seed}" if len(seeds) > 1 else ""))
-        res["results"].append({**run_row(row, dataclasses.replace(cfg, seed=seed), train, held_out,
-                                         held_out_photos), "seed": seed})
+           "seconds": 0.0, "jobs": jobs}
+    runs = [(i, seed) for i in picked for seed in (seeds if not rows[i].skip else seeds[:1])]
+    if jobs > 1:
+        done = run_in_workers(cfg, rows, runs, jobs, threads or torch.get_num_threads())
+    else:
+        train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)  # run_row reseeds it per row
+        done = ((run, run_row(rows[run[0]], dataclasses.replace(cfg, seed=run[1]), train, held_out, held_out_photos))
+                for run in runs)
+    finished = {}
+    bar = tqdm(total=len(runs), desc="quantizer study", disable=not progress)
+    for (i, seed), result in done:
+        finished[(i, seed)] = {**result, "seed": seed}
+        res["results"] = [finished[run] for run in runs if run in finished]  # table order
         res["seconds"] = time.perf_counter() - t0
         if len(seeds) > 1:
             res["seed_summary"] = seed_summary(res["results"])
+        bar.update()
+        row = rows[i]
+        bar.set_postfix_str(f"{row.family} {row.impl} 2^{row.log2_codes}" + (f" seed {seed}" if len(seeds) > 1 else ""))
         if progress:  # each row as it finishes (the full table is printed at the end)
-            bar.write(format_table(res["results"][-1:]).splitlines()[-1])
+            bar.write(format_table([finished[(i, seed)]]).splitlines()[-1])
         if on_row is not None:
             on_row(res)
+    bar.close()
     return res
+
+
+def run_in_workers(cfg: StudyConfig, rows: list[Row], runs: list[tuple[int, int]], jobs: int, threads: int):
+    """Yields ((row index, seed), result) for every run of ``runs`` as ``jobs`` worker processes
+    (this script with ``--worker``, ``threads`` // ``jobs`` torch threads each) finish them. Rows
+    with more codes go first (the peers' before vqtok's at a size), so the long rows do not end
+    the study alone; a skipped row is answered here. A row that fails in its worker raises here
+    with the worker's traceback, after the other workers have been stopped."""
+    todo = sorted((run for run in runs if not rows[run[0]].skip),
+                  key=lambda run: (-rows[run[0]].log2_codes, rows[run[0]].impl == "vqtok"))
+    for run in runs:
+        if rows[run[0]].skip:
+            yield run, run_row(rows[run[0]], cfg, None, None, None)
+    lock, results = threading.Lock(), queue.Queue()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(dataclasses.asdict(cfg)),
+           "--threads", str(max(1, threads // jobs))]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+             for _ in range(min(jobs, len(todo)))]
+
+    def serve(proc: subprocess.Popen) -> None:  # one thread per worker: hand it rows until none are left
+        while True:
+            with lock:
+                if not todo:
+                    break
+                run = todo.pop(0)
+            try:
+                proc.stdin.write(json.dumps({"row": run[0], "seed": run[1]}) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+            except OSError as e:
+                line = json.dumps({"error": f"lost the worker: {e}"}) + "\n"
+            if not line:
+                line = json.dumps({"error": f"the worker exited with code {proc.wait()}"}) + "\n"
+            results.put((run, json.loads(line)))
+        proc.stdin.close()
+
+    servers, n = [threading.Thread(target=serve, args=(p,), daemon=True) for p in procs], len(todo)
+    for t in servers:
+        t.start()
+    try:
+        for _ in range(n):
+            run, msg = results.get()
+            if "error" in msg:
+                row = rows[run[0]]
+                raise RuntimeError(f"row {row.family}/{row.impl}/2^{row.log2_codes} seed {run[1]} failed in its "
+                                   f"worker:\n{msg['error']}")
+            yield run, msg["result"]
+    finally:
+        with lock:
+            todo.clear()
+        for p in procs:
+            if p.poll() is None and any(t.is_alive() for t in servers):
+                p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def worker(cfg_json: str) -> int:
+    """``--worker CONFIG``: runs the rows that arrive on stdin as JSON lines {"row", "seed"} (row:
+    the index in ``study_rows``) and answers each with one JSON line {"result"} or {"error"} on
+    stdout; anything else the row prints goes to stderr. Ends at the end of stdin."""
+    fields = json.loads(cfg_json)
+    cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    rows = study_rows(cfg)
+    train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)
+    held_out_photos = photo_set(EVAL_PHOTOS, cfg.scales)
+    held_out = tiles(held_out_photos, cfg.eval_tile)
+    answer, sys.stdout = sys.stdout, sys.stderr
+    for line in sys.stdin:
+        task = json.loads(line)
+        try:
+            msg = {"result": run_row(rows[task["row"]], dataclasses.replace(cfg, seed=task["seed"]), train,
+                                     held_out, held_out_photos)}
+        except Exception:
+            msg = {"error": traceback.format_exc()}
+        answer.write(json.dumps(msg) + "\n")
+        answer.flush()
+    return 0
 
 
 def override(cfg: StudyConfig, assignments: list[str]) -> StudyConfig:
@@ -715,6 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the results as JSON to this path ('-': stdout)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (it goes to stderr)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="rows trained at once, each in its own process with threads / jobs torch threads")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # run_in_workers' worker processes
     ap.add_argument("--held-in-usage", action="store_true",
                     help="also report usage on the dense views of the training photos (column held-in)")
     ap.add_argument("--seeds", default="", metavar="S,S,...",
@@ -722,6 +872,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a StudyConfig field (repeatable), e.g. --set seed=1 --set max_train_s=60")
     args = ap.parse_args(argv)
+    if args.worker is not None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return worker(args.worker)
+    if args.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {args.jobs}")
     cfg = QUICK if args.quick else FULL
     try:
         cfg = override(cfg, args.set)
@@ -745,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
 
     on_row = save if args.json and args.json != "-" else None
     res = run_study(cfg, [s for s in args.rows.split(",") if s], progress=not args.no_progress, on_row=on_row,
-                    seeds=seeds)
+                    seeds=seeds, jobs=args.jobs, threads=args.threads)
     print(format_table(res["results"]))
     if res.get("seed_summary"):
         print(f"\nover seeds {', '.join(map(str, res['config']['seeds']))}:")
@@ -753,7 +909,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out: {', '.join(EVAL_PHOTOS)} at scales {cfg.scales}: PSNR/SSIM on {res['held_out']['tiles']} "
           f"tiles ({res['held_out']['tokens']} tokens), codebook health on {res['held_out']['usage_tokens']} tokens "
           f"(every 4 px phase, mirrored); {cfg.steps} steps x {cfg.batch} crops "
-          f"({cfg.tokens_per_step} tokens) per row; total {res['seconds']:.0f} s\n"
+          f"({cfg.tokens_per_step} tokens) per row; {args.jobs} row(s) at a time; total {res['seconds']:.0f} s\n"
+          f"cost = the row's step time / the autoencoder's own without a quantizer (budget {cfg.budget:g}x); "
           f"ceiling = min(K, held-out tokens) / K: the highest usage the held-out set can show")
     if args.json == "-":
         print(json.dumps(res, indent=2))

@@ -123,6 +123,45 @@ def test_sparse_and_dense_updates_agree():
         assert int(s["dead_codes"]) == int((ema < 0.03 / k).sum())
 
 
+def test_ema_perplexity_carried_through_updates_matches_the_buffer():
+    """The EMA's moments are carried through each update (no pass over K): its perplexity equals
+    the buffer's over more than one re-summing period, and any other change to the buffer (a
+    loaded state, a reset, an in-place edit) is seen at once."""
+    from vqtok.quantizers import health as H
+
+    k = 1 << 12
+    g = torch.Generator().manual_seed(3)
+    h = CodebookHealth(k, decay=0.9)
+    ages = []
+    for step in range(H.MOMENTS_RESUM_STEPS + 40):
+        hot = int(torch.randint(1, k, (), generator=g))  # a moving hot spot: the distribution changes
+        idx = (torch.randint(0, 64, (300,), generator=g) + hot) % k
+        s = h.update(idx)  # 300 < K / 8: the sparse path; every 7th step the dense one (<= 64 ids: carried)
+        if step % 7 == 0:
+            s = h.update_counts(torch.bincount(idx, minlength=k))
+        if step % 50 == 0 or step >= H.MOMENTS_RESUM_STEPS - 2:
+            assert float(s["ema_perplexity"]) == pytest.approx(float(perplexity_of(h.ema_probs.double())), rel=1e-6)
+        ages.append(h._moments_age)
+    assert max(ages) >= H.MOMENTS_RESUM_STEPS - 1 and ages[-1] < 300  # carried, then re-summed once the period ran out
+    dense = CodebookHealth(64)
+    dense.update(torch.arange(64))
+    assert dense._moments_age == 0  # a batch touching most codes: the buffer is summed instead
+
+    def ema_ppl(tracker):
+        return float(tracker.stats()["ema_perplexity"])
+
+    other = CodebookHealth(k, decay=0.9)
+    other.update(torch.arange(k))
+    assert ema_ppl(other) == pytest.approx(k, rel=1e-6)
+    other.load_state_dict(h.state_dict())
+    assert ema_ppl(other) == pytest.approx(ema_ppl(h), rel=1e-6)
+    h.ema_probs[: k // 2] = 0.0  # an in-place edit: the next stats see it
+    assert ema_ppl(h) == pytest.approx(float(perplexity_of(h.ema_probs.double())), rel=1e-6)
+    h.reset()
+    h.update(torch.tensor([5, 5, 6, 7]))
+    assert ema_ppl(h) == pytest.approx(2.0 ** 1.5, rel=1e-6)  # (1/2, 1/4, 1/4)
+
+
 def test_entropy_of_weights():
     from vqtok.quantizers.health import entropy_of_weights
 

@@ -170,6 +170,59 @@ def test_slow_row_trains_for_the_time_cap(qs):
     assert r["steps"] == 4 and r["tokens"] == qs.dense_token_count(held, cfg.eval_tile)
 
 
+def test_budget_is_relative_to_the_autoencoders_own_step(qs):
+    cfg = dataclasses.replace(qs.FULL, steps=3000, budget=4.0, probe_steps=10, max_train_s=900.0)
+    assert qs.budget_steps(cfg, step_s=0.030, base_s=0.010) == 3000  # 3x the autoencoder: every step
+    assert qs.budget_steps(cfg, step_s=0.080, base_s=0.010) == 1500  # 8x: the steps 4x pays for
+    assert qs.budget_steps(cfg, step_s=0.160, base_s=0.040) == 3000  # a slower machine: the same steps
+    assert qs.budget_steps(cfg, step_s=0.6, base_s=0.3) == 1500  # but never past max_train_s (900 s)
+    assert qs.budget_steps(cfg, step_s=100.0, base_s=0.01) == 20  # at least the probe's steps, already run
+
+    # in a row: a budget no row fits in stops it after its probe, and the cost it measured is reported
+    cfg = dataclasses.replace(qs.QUICK, steps=50, probe_steps=2, budget=1e-6)
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "lfq"][0]
+    r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
+    assert r["steps"] == 4 and r["base_step_ms"] > 0 and r["cost"] > 0.5
+
+
+def test_pass_through_baseline_leaves_the_rows_seeds_alone(qs):
+    cfg = dataclasses.replace(qs.QUICK, probe_steps=2)
+    crops = qs.Crops(qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales), cfg.crop, 0)
+    assert qs.base_step_s(cfg, crops) > 0
+    z = torch.randn(2, cfg.latent_dim, 3, 3)
+    q = qs.PassThrough()(z)
+    assert q.quantized is z and float(q.loss) == 0.0
+
+
+def test_jobs_run_rows_in_worker_processes(qs, tmp_path):
+    """--jobs 2: the same rows and numbers as one process with as many threads per row, in table order."""
+    argv = ["--quick", "--steps", "3", "--rows", "fsq/,vq-plain/vqtok", "--no-progress"]
+    both = tmp_path / "jobs.json"
+    assert qs.main([*argv, "--jobs", "2", "--threads", "2", "--json", str(both)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = qs.run_study(dataclasses.replace(qs.QUICK, steps=3), ["fsq/", "vq-plain/vqtok"],
+                           progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    par = json.loads(both.read_text())
+    assert par["jobs"] == 2
+    key = ("family", "impl", "log2_codes")
+    assert [tuple(r[k] for k in key) for r in par["results"]] == [tuple(r[k] for k in key) for r in one["results"]]
+    assert [tuple(r[k] for k in key) for r in par["results"]] == [
+        ("vq-plain", "vqtok", 10), ("fsq", "vqtok", 10), ("fsq", "vector-quantize-pytorch", 10)][:len(par["results"])]
+    for a, b in zip(par["results"], one["results"]):
+        assert (a["usage"], a["psnr"], a["dead_codes"]) == (b["usage"], b["psnr"], b["dead_codes"])
+    # a row that fails in its worker stops the study with the worker's traceback
+    with pytest.raises(RuntimeError, match="failed in its worker(.|\n)*norm must be"):
+        qs.main([*argv, "--jobs", "2", "--set", "latent_norm=bogus"])
+    with pytest.raises(SystemExit):
+        qs.main([*argv, "--jobs", "0"])
+
+
 def test_restarts_stop_after_their_share_of_steps(qs, monkeypatch):
     from vqtok.quantizers import build_quantizer
     from vqtok.quantizers.vq import VectorQuantizer

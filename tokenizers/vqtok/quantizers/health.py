@@ -32,6 +32,8 @@ from torch import nn
 from ._common import all_reduce_sum_, is_distributed
 
 MAX_TRACKED_CODES = 1 << 24  # the histogram costs 16 bytes per code
+MOMENTS_RESUM_STEPS = 1024  # the EMA's carried moments are summed afresh from the buffer this often
+MOMENTS_CARRY_RATIO = 32  # and carried only through updates of fewer than K / 32 distinct codes
 
 
 def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,10 @@ class CodebookHealth(nn.Module):
         self.register_buffer("ema_probs", torch.zeros(codebook_size, dtype=torch.float32))
         self.register_buffer("histogram", torch.zeros(codebook_size, dtype=torch.int64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        # (sum w, sum w log w) of ema_probs in float64, carried through each update (see _ema_entropy)
+        self._moments: tuple[float, float] | None = None
+        self._moments_key: tuple | None = None  # which ema_probs, at which version, they describe
+        self._moments_age = 0  # updates since they were last summed from the buffer
 
     # ----------------------------------------------------------------------------------------
     def _valid_ids(self, indices: torch.Tensor) -> torch.Tensor:
@@ -137,15 +143,57 @@ class CodebookHealth(nn.Module):
         return self._step(ids, counts[ids])
 
     def _step(self, ids: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The running state's update from the batch's used ``ids`` and their ``counts`` (int64,
-        identical on every rank), and its stats."""
+        """The running state's update from the batch's used (distinct) ``ids`` and their ``counts``
+        (int64, identical on every rank), and its stats. When the batch touches fewer than
+        K / ``MOMENTS_CARRY_RATIO`` codes, the EMA's moments (sum w, sum w log w) go along: the
+        decay scales them (sum (d w) log(d w) = d sum w log w + d log d sum w) and only the ``ids``
+        entries change otherwise, so the EMA perplexity costs no pass over K."""
         total = int(counts.sum())
         if total > 0:
             self.histogram.index_add_(0, ids, counts)
             share = counts.to(torch.float32)
-            self.ema_probs.mul_(self.decay).index_add_(0, ids, share, alpha=(1.0 - self.decay) / total)
+            ema, d = self.ema_probs, self.decay
+            # carried when the batch touches few of the K codes; else summing the buffer costs less
+            carry = ids.numel() * MOMENTS_CARRY_RATIO < self.codebook_size and self._moments_age < MOMENTS_RESUM_STEPS
+            moments = self._current_moments() if carry else None
+            ema.mul_(d)
+            before = ema[ids].to(torch.float64)
+            ema.index_add_(0, ids, share, alpha=(1.0 - d) / total)
             self.steps += 1
+            if moments is not None:
+                after = ema[ids].to(torch.float64)
+                s, e = moments
+                log_d = math.log(d) if d > 0 else 0.0  # d = 0: the decayed sums are 0 and so is d log d * s
+                s = d * s + float((after - before).sum())
+                e = d * e + d * log_d * moments[0] + float((torch.xlogy(after, after) - torch.xlogy(before, before)).sum())
+                self._set_moments((s, e), self._moments_age + 1)
         return self._stats(counts)
+
+    def _current_moments(self) -> tuple[float, float] | None:
+        """The carried (sum w, sum w log w) when they still describe ``ema_probs`` (the same tensor,
+        not modified since: its version counter tells a load_state_dict, reset, .to() or any other
+        in-place change), else None."""
+        ema = self.ema_probs
+        key = (id(ema), ema.data_ptr(), ema._version)
+        return self._moments if self._moments is not None and self._moments_key == key else None
+
+    def _set_moments(self, moments: tuple[float, float], age: int) -> None:
+        ema = self.ema_probs
+        self._moments, self._moments_key, self._moments_age = moments, (id(ema), ema.data_ptr(), ema._version), age
+
+    def _ema_entropy(self) -> torch.Tensor:
+        """Entropy (nats, float64 scalar) of the EMA usage distribution: from the carried moments,
+        or summed from the buffer (every ``MOMENTS_RESUM_STEPS`` updates, and after anything
+        else changed it), as ``entropy_of_weights``."""
+        moments = self._current_moments()
+        if moments is None:
+            w = self.ema_probs
+            moments = (float(w.sum(dtype=torch.float64)), float(torch.xlogy(w, w).sum(dtype=torch.float64)))
+            self._set_moments(moments, 0)
+        s, e = moments
+        if not s > 0:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.tensor(math.log(s) - e / s, dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------------
     def corrected_probs(self) -> torch.Tensor:
@@ -179,7 +227,7 @@ class CodebookHealth(nn.Module):
         dev = self.histogram.device
         steps = int(self.steps)
         dead = self.dead_mask().sum()
-        ema_ppl = torch.exp(entropy_of_weights(self.ema_probs)).to(torch.float32) if steps else torch.tensor(0.0)
+        ema_ppl = torch.exp(self._ema_entropy()).to(torch.float32) if steps else torch.tensor(0.0)
         alive = 1.0 - dead.to(torch.float32) / k
         collapse = (alive < self.min_usage) | (ema_ppl.to(dev) < self.min_perplexity * k)
         out = {
