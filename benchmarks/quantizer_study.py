@@ -8,12 +8,16 @@ Setup (frozen in ``StudyConfig``): every photo is used at several ``scales`` of 
 vqtok.data's multi-scale sets). Training draws random ``crop``x``crop`` crops (with flips) from the
 training photos; the held-out photos (retina, the stereo motorcycle pair, flower; the same split as
 vqtok.data) are never trained on. The autoencoder downsamples by 4 (a 32x32 crop is an 8x8 token
-grid) and standardises its latent per channel (``latent_norm``: BatchNorm without affine
-parameters, or ``RunningStandardize``, the same latent in training and evaluation). Every row
+grid) and standardises its latent per channel (``latent_norm``: ``RunningStandardize`` by
+default, the same latent in training and evaluation, or BatchNorm without affine parameters,
+whose training latents are standardised by each batch's own statistics). Every row
 trains the same architecture from the same seed (``--seeds``: at each of several seeds) with AdamW
-on MSE + the quantizer's own loss for ``steps`` steps; a row whose step time (timed after
-``probe_steps`` warm-up steps) projects past ``max_train_s`` trains for the steps that fit in
-that time instead (the ``steps`` column), and no row's steps run past ``max_train_s``. k-means
+on MSE + the quantizer's own loss for ``steps`` steps. The budget: a row whose steps (timed
+after ``probe_steps`` warm-up steps) cost more than ``budget`` x the autoencoder's own without a
+quantizer (``base_step_s``, timed just before in the same process, so the budget does not move
+with the machine's speed) trains for the steps that budget pays for (the ``steps`` column; the
+``cost`` column gives its step time over the autoencoder's), and no row's steps run past
+``max_train_s``. ``--jobs N`` trains N rows at a time, each in its own process. k-means
 rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put back on the
 per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
 code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.6; 1.0:
@@ -37,7 +41,7 @@ rotation_trick), FSQ and LFQ (entropy loss on) under the same model and budget. 
 materialises an N x 2^B probability matrix; rows whose estimate exceeds ``peer_lfq_max_gib`` are
 reported as skipped with the estimate.
 
-    python benchmarks/quantizer_study.py --threads 2    # the full study
+    python benchmarks/quantizer_study.py --threads 2 --jobs 2    # the full study
     python benchmarks/quantizer_study.py --quick    # CI smoke run
     python benchmarks/quantizer_study.py --json out.json --rows fsq,lfq --set seed=1
     python benchmarks/quantizer_study.py --rows fsq/ --seeds 0,1,2    # + mean [min, max] over seeds
@@ -83,7 +87,7 @@ class StudyConfig:
     lr: float = 2e-3
     lr_decay: str = "constant"  # "constant" or "cosine" (to lr * lr_final over the row's steps)
     lr_final: float = 0.0
-    latent_norm: str = "batch"  # latent standardisation: "batch" (BatchNorm) or "running" (RunningStandardize)
+    latent_norm: str = "running"  # latent standardisation: "running" (RunningStandardize) or "batch" (BatchNorm)
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
     restart_stop: float = 0.6  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
@@ -96,6 +100,7 @@ class StudyConfig:
     peer_lfq_max_gib: float = 2.0
     probe_steps: int = 10      # steps timed (after as many warm-up steps) against the budget
     budget: float = 4.0        # a row's steps may cost up to this x the autoencoder's own (no quantizer)
+    replan_steps: int = 100    # the row's steps are re-planned from its mean step time this often
     max_train_s: float = 900.0  # and its steps never take longer than this (s)
     held_in_usage: bool = False  # also measure usage on the dense views of the training photos
     seed: int = 0
@@ -537,14 +542,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor):
 
 def base_step_s(cfg: StudyConfig, train: Crops) -> float:
     """Seconds per training step of the autoencoder without a quantizer (``PassThrough``): the
-    median of ``probe_steps`` steps after as many warm-up steps, on ``train``'s crops. Rows measure
+    median of 2 x ``probe_steps`` steps after ``probe_steps`` warm-up steps, on ``train``'s crops. Rows measure
     it just before they train, so their cost (step time / this) does not move with the machine's
     speed, which on a shared virtual machine changes from minute to minute."""
     model = StudyAE(PassThrough(), cfg.latent_dim, cfg.width, cfg.latent_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     model.train()
     times = []
-    for _ in range(2 * cfg.probe_steps):
+    for _ in range(3 * cfg.probe_steps):
         x = train.batch(cfg.batch)
         t = time.perf_counter()
         train_step(model, opt, x)
@@ -560,16 +565,31 @@ def budget_steps(cfg: StudyConfig, step_s: float, base_s: float) -> int:
     return max(2 * cfg.probe_steps, min(cfg.steps, int(fit)))
 
 
+def plan_steps(cfg: StudyConfig, done: int, step_s: float, base_s: float, steps: int) -> int:
+    """A row's planned steps after ``done`` steps (``steps``: the plan so far). After the probe
+    (``done`` = 2 x ``probe_steps``, ``step_s`` its median) a row over twice the budget is cut to
+    ``budget_steps`` at once (the peers' rows that cost 60x the autoencoder); every
+    ``replan_steps`` steps after that (``step_s``: the mean so far) the plan becomes
+    ``budget_steps``, never fewer than ``done``. So a row is not cut by a probe that a neighbour's
+    burst slowed down, and a row over the budget is cut by its own mean."""
+    if done == 2 * cfg.probe_steps:
+        return budget_steps(cfg, step_s, base_s) if step_s > 2 * cfg.budget * base_s else steps
+    if done > 2 * cfg.probe_steps and done % cfg.replan_steps == 0:
+        return max(done, budget_steps(cfg, step_s, base_s))
+    return steps
+
+
 # --------------------------------------------------------------------------------------------
 # one row: train, then evaluate on the held-out crops
 # --------------------------------------------------------------------------------------------
 def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             held_out_photos: list[torch.Tensor]) -> dict:
     """Train one row, then evaluate: reconstruction on the ``held_out`` tiles, codebook health on
-    every ``dense_views`` view of ``held_out_photos``. The row's step time (median of steps
-    probe_steps+1 .. 2 probe_steps, after k-means init and warm-up) against the autoencoder's own
-    (``base_step_s``, measured first) sets its steps (``budget_steps``; ``steps`` in the result);
-    a row whose steps then run past 1.25 x that budget, or ``max_train_s``, stops there."""
+    every ``dense_views`` view of ``held_out_photos``. The row's step time (the median of steps
+    probe_steps+1 .. 2 probe_steps, after k-means init and warm-up, then its mean so far) against
+    the autoencoder's own (``base_step_s``, measured first) sets its steps (``plan_steps``;
+    ``steps`` in the result); a row whose steps then run past 1.25 x that budget, or
+    ``max_train_s``, stops there."""
     from vqtok.evaluate import evaluate
 
     base = {"family": row.family, "impl": row.impl, "log2_codes": row.log2_codes, "setup": row.setup}
@@ -606,8 +626,10 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
         restarts.append(restarts_in(getattr(out.quant, "stats", None) or {}))
         if cfg.probe_steps <= step < 2 * cfg.probe_steps:
             probe.append(time.perf_counter() - t)
-        if step + 1 == 2 * cfg.probe_steps:  # a row over the budget trains for the steps that fit in it
-            steps = budget_steps(cfg, float(np.median(probe)), base_s)
+        if step + 1 == 2 * cfg.probe_steps:  # a row far over the budget trains for the steps that fit in it
+            steps = plan_steps(cfg, step + 1, float(np.median(probe)), base_s, steps)
+        elif step + 1 > 2 * cfg.probe_steps:  # any row over the budget, by its mean step so far
+            steps = plan_steps(cfg, step + 1, (time.perf_counter() - t_steps) / (step + 1), base_s, steps)
         if step + 1 == steps:
             break
         if step + 1 >= 2 * cfg.probe_steps and time.perf_counter() - t_steps >= stop_s:

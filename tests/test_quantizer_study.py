@@ -178,6 +178,14 @@ def test_budget_is_relative_to_the_autoencoders_own_step(qs):
     assert qs.budget_steps(cfg, step_s=0.6, base_s=0.3) == 1500  # but never past max_train_s (900 s)
     assert qs.budget_steps(cfg, step_s=100.0, base_s=0.01) == 20  # at least the probe's steps, already run
 
+    # the plan: cut at the probe only when far over the budget; re-planned from the mean every 100 steps
+    assert qs.plan_steps(cfg, 20, step_s=0.045, base_s=0.010, steps=3000) == 3000  # 4.5x: wait for the mean
+    assert qs.plan_steps(cfg, 20, step_s=0.600, base_s=0.010, steps=3000) == 200  # 60x: cut at once
+    assert qs.plan_steps(cfg, 150, step_s=0.045, base_s=0.010, steps=3000) == 3000  # not a re-planning step
+    assert qs.plan_steps(cfg, 200, step_s=0.045, base_s=0.010, steps=3000) == 2666  # 4.5x by the mean: cut
+    assert qs.plan_steps(cfg, 300, step_s=0.016, base_s=0.010, steps=2666) == 3000  # the burst passed: all steps
+    assert qs.plan_steps(cfg, 2700, step_s=0.2, base_s=0.010, steps=2800) == 2700  # never before the steps run
+
     # in a row: a budget no row fits in stops it after its probe, and the cost it measured is reported
     cfg = dataclasses.replace(qs.QUICK, steps=50, probe_steps=2, budget=1e-6)
     photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
