@@ -542,9 +542,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor):
 
 def base_step_s(cfg: StudyConfig, train: Crops) -> float:
     """Seconds per training step of the autoencoder without a quantizer (``PassThrough``): the
-    median of 2 x ``probe_steps`` steps after ``probe_steps`` warm-up steps, on ``train``'s crops. Rows measure
-    it just before they train, so their cost (step time / this) does not move with the machine's
-    speed, which on a shared virtual machine changes from minute to minute."""
+    median of 2 x ``probe_steps`` steps after ``probe_steps`` warm-up steps, on ``train``'s
+    crops. Rows measure it just before they train, so their cost (step time / this) does not
+    move with the machine's speed, which on a shared virtual machine changes from minute to
+    minute."""
     model = StudyAE(PassThrough(), cfg.latent_dim, cfg.width, cfg.latent_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     model.train()
