@@ -47,16 +47,23 @@ def perplexity_of(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(ent)
 
 
+def weight_moments(w: torch.Tensor) -> tuple[float, float]:
+    """(s, E) = (sum w, sum w log w) of non-negative weights ``w``: two reductions over ``w`` in its
+    own dtype (``torch.xlogy``: 0 log 0 = 0), each summed in float64."""
+    return float(w.sum(dtype=torch.float64)), float(torch.xlogy(w, w).sum(dtype=torch.float64))
+
+
+def entropy_of_moments(s: float, e: float) -> float:
+    """Entropy (nats) of the distribution proportional to weights with moments (s, E) (see
+    ``weight_moments``): H = log s - E / s; 0 when every weight is 0."""
+    return math.log(s) - e / s if s > 0 else 0.0
+
+
 def entropy_of_weights(w: torch.Tensor) -> torch.Tensor:
     """Entropy (nats, float64 scalar) of the distribution proportional to the non-negative 1-D
-    weights ``w``, from two reductions over ``w`` in its own dtype: s = sum w and
-    E = sum w log w (``torch.xlogy``, 0 log 0 = 0), then H = log s - E / s in float64; 0 when every
-    weight is 0. For the per-step EMA: normalising (or copying to float64) K floats per step first
-    would cost more than the training step's quantiser at 2^18 codes."""
-    s = w.sum().to(torch.float64)
-    if not float(s) > 0:
-        return torch.zeros((), dtype=torch.float64, device=w.device)
-    return torch.log(s) - torch.xlogy(w, w).sum().to(torch.float64) / s
+    weights ``w``, from their moments (``weight_moments``): normalising (or copying to float64) K
+    floats first would cost more than the training step's quantiser at 2^18 codes."""
+    return torch.tensor(entropy_of_moments(*weight_moments(w)), dtype=torch.float64, device=w.device)
 
 
 class CodebookHealth(nn.Module):
@@ -147,15 +154,16 @@ class CodebookHealth(nn.Module):
         (int64, identical on every rank), and its stats. When the batch touches fewer than
         K / ``MOMENTS_CARRY_RATIO`` codes, the EMA's moments (sum w, sum w log w) go along: the
         decay scales them (sum (d w) log(d w) = d sum w log w + d log d sum w) and only the ``ids``
-        entries change otherwise, so the EMA perplexity costs no pass over K."""
+        entries change otherwise, so the EMA perplexity costs no pass over K (they are summed
+        from the buffer every ``MOMENTS_RESUM_STEPS`` updates and whenever they are not current)."""
         total = int(counts.sum())
         if total > 0:
             self.histogram.index_add_(0, ids, counts)
             share = counts.to(torch.float32)
             ema, d = self.ema_probs, self.decay
             # carried when the batch touches few of the K codes; else summing the buffer costs less
-            carry = ids.numel() * MOMENTS_CARRY_RATIO < self.codebook_size and self._moments_age < MOMENTS_RESUM_STEPS
-            moments = self._current_moments() if carry else None
+            few = ids.numel() * MOMENTS_CARRY_RATIO < self.codebook_size
+            moments = self._current_moments() if few and self._moments_age < MOMENTS_RESUM_STEPS else None
             ema.mul_(d)
             before = ema[ids].to(torch.float64)
             ema.index_add_(0, ids, share, alpha=(1.0 - d) / total)
@@ -163,10 +171,10 @@ class CodebookHealth(nn.Module):
             if moments is not None:
                 after = ema[ids].to(torch.float64)
                 s, e = moments
-                log_d = math.log(d) if d > 0 else 0.0  # d = 0: the decayed sums are 0 and so is d log d * s
-                s = d * s + float((after - before).sum())
-                e = d * e + d * log_d * moments[0] + float((torch.xlogy(after, after) - torch.xlogy(before, before)).sum())
-                self._set_moments((s, e), self._moments_age + 1)
+                d_log_d = d * math.log(d) if d > 0 else 0.0  # d = 0: the decayed sums are 0
+                new_s = d * s + float((after - before).sum())
+                new_e = d * e + d_log_d * s + float((torch.xlogy(after, after) - torch.xlogy(before, before)).sum())
+                self._set_moments((new_s, new_e), self._moments_age + 1)
         return self._stats(counts)
 
     def _current_moments(self) -> tuple[float, float] | None:
@@ -187,13 +195,9 @@ class CodebookHealth(nn.Module):
         else changed it), as ``entropy_of_weights``."""
         moments = self._current_moments()
         if moments is None:
-            w = self.ema_probs
-            moments = (float(w.sum(dtype=torch.float64)), float(torch.xlogy(w, w).sum(dtype=torch.float64)))
+            moments = weight_moments(self.ema_probs)
             self._set_moments(moments, 0)
-        s, e = moments
-        if not s > 0:
-            return torch.zeros((), dtype=torch.float64)
-        return torch.tensor(math.log(s) - e / s, dtype=torch.float64)
+        return torch.tensor(entropy_of_moments(*moments), dtype=torch.float64)
 
     # ----------------------------------------------------------------------------------------
     def corrected_probs(self) -> torch.Tensor:
