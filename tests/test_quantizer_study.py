@@ -195,13 +195,24 @@ def test_budget_is_relative_to_the_autoencoders_own_step(qs):
     assert r["steps"] == 4 and r["base_step_ms"] > 0 and r["cost"] > 0.5
 
 
-def test_pass_through_baseline_leaves_the_rows_seeds_alone(qs):
-    cfg = dataclasses.replace(qs.QUICK, probe_steps=2)
-    crops = qs.Crops(qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales), cfg.crop, 0)
-    assert qs.base_step_s(cfg, crops) > 0
+def test_pass_through_baseline_leaves_the_rows_seeds_alone(qs, monkeypatch):
+    cfg = dataclasses.replace(qs.QUICK, steps=6, probe_steps=1)
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    assert qs.base_step_s(cfg, qs.Crops(photos, cfg.crop, 0)) > 0
     z = torch.randn(2, cfg.latent_dim, 3, 3)
     q = qs.PassThrough()(z)
     assert q.quantized is z and float(q.loss) == 0.0
+    # the reference model's weights and crops come before the row's seeds: the row trains the same
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "vq-ema-kmeans-restart"][0]
+
+    def run():
+        r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
+        return r["usage"], r["psnr"], r["final_loss"]
+
+    measured = run()
+    monkeypatch.setattr(qs, "base_step_s", lambda cfg, train: 1.0)  # no reference steps at all
+    assert run() == measured
 
 
 def test_jobs_run_rows_in_worker_processes(qs, tmp_path):
