@@ -720,6 +720,16 @@ def format_seed_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def row_runner(cfg: StudyConfig, held_out_photos: list[torch.Tensor] | None = None) -> Callable[[Row, int], dict]:
+    """``run(row, seed)``: ``run_row`` at that seed on the study's data, loaded once: the training
+    crops (reseeded per row) and the held-out photos (``held_out_photos`` when already loaded)
+    with their tiles."""
+    train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)
+    photos = held_out_photos if held_out_photos is not None else photo_set(EVAL_PHOTOS, cfg.scales)
+    held_out = tiles(photos, cfg.eval_tile)
+    return lambda row, seed: run_row(row, dataclasses.replace(cfg, seed=seed), train, held_out, photos)
+
+
 def study_rows(cfg: StudyConfig) -> list[Row]:
     """Every row of the study, in table order: vqtok's, then the peers'."""
     return vqtok_rows(cfg) + peer_rows(cfg)
@@ -751,9 +761,8 @@ def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: 
     if jobs > 1:
         done = run_in_workers(cfg, rows, runs, jobs, threads or torch.get_num_threads())
     else:
-        train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)  # run_row reseeds it per row
-        done = ((run, run_row(rows[run[0]], dataclasses.replace(cfg, seed=run[1]), train, held_out, held_out_photos))
-                for run in runs)
+        run = row_runner(cfg, held_out_photos)
+        done = (((i, seed), run(rows[i], seed)) for i, seed in runs)
     finished = {}
     bar = tqdm(total=len(runs), desc="quantizer study", disable=not progress)
     for (i, seed), result in done:
@@ -834,16 +843,12 @@ def worker(cfg_json: str) -> int:
     stdout; anything else the row prints goes to stderr. Ends at the end of stdin."""
     fields = json.loads(cfg_json)
     cfg = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    rows = study_rows(cfg)
-    train = Crops(photo_set(TRAIN_PHOTOS, cfg.scales), cfg.crop, cfg.seed)
-    held_out_photos = photo_set(EVAL_PHOTOS, cfg.scales)
-    held_out = tiles(held_out_photos, cfg.eval_tile)
+    rows, run = study_rows(cfg), row_runner(cfg)
     answer, sys.stdout = sys.stdout, sys.stderr
     for line in sys.stdin:
         task = json.loads(line)
         try:
-            msg = {"result": run_row(rows[task["row"]], dataclasses.replace(cfg, seed=task["seed"]), train,
-                                     held_out, held_out_photos)}
+            msg = {"result": run(rows[task["row"]], task["seed"])}
         except Exception:
             msg = {"error": traceback.format_exc()}
         answer.write(json.dumps(msg) + "\n")

@@ -165,7 +165,7 @@ class CodebookHealth(nn.Module):
             few = ids.numel() * MOMENTS_CARRY_RATIO < self.codebook_size
             moments = self._current_moments() if few and self._moments_age < MOMENTS_RESUM_STEPS else None
             ema.mul_(d)
-            before = ema[ids].to(torch.float64)
+            before = ema[ids].to(torch.float64) if moments is not None else None
             ema.index_add_(0, ids, share, alpha=(1.0 - d) / total)
             self.steps += 1
             if moments is not None:
