@@ -10,7 +10,10 @@ training photos; the held-out photos (retina, the stereo motorcycle pair, flower
 vqtok.data) are never trained on. The autoencoder downsamples by 4 (a 32x32 crop is an 8x8 token
 grid) and standardises its latent per channel (``latent_norm``: ``RunningStandardize`` by
 default, the same latent in training and evaluation, or BatchNorm without affine parameters,
-whose training latents are standardised by each batch's own statistics). Every row
+whose training latents are standardised by each batch's own statistics). The latent has
+``latent_dim`` channels, or B for LFQ / BSQ with B bits when B is larger (``Row.min_latent``:
+18 bits projected from 16 channels are linearly dependent, and a Gaussian latent then reaches
+about half of the 2^18 sign patterns). Every row
 trains the same architecture from the same seed (``--seeds``: at each of several seeds) with AdamW
 on MSE + the quantizer's own loss for ``steps`` steps. The budget: a row whose steps (timed
 after ``probe_steps`` warm-up steps) cost more than ``budget`` x the autoencoder's own without a
@@ -22,7 +25,7 @@ rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put b
 per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
 code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.6; 1.0:
 to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
-trick, vqtok's VQ rows the estimator ``vq_estimator``. Each vqtok row's ``setup`` (the
+trick, vqtok's VQ rows the estimator ``vq_estimator`` and restarts ``vq_restart``. Each vqtok row's ``setup`` (the
 build_quantizer arguments: restarts, entropy terms) is in the JSON. ``--set KEY=VALUE`` overrides
 any ``StudyConfig`` field.
 
@@ -92,6 +95,7 @@ class StudyConfig:
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
     restart_stop: float = 0.6  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
     vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
+    vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     lfq_entropy: tuple = (0.3, 0.3, 1.0)  # LFQ rows: entropy weight, temperature, per-sample term's weight
@@ -99,7 +103,7 @@ class StudyConfig:
     big_sizes: tuple = (18,)  # extra log2 sizes for FSQ and LFQ
     peer_lfq_max_gib: float = 2.0
     probe_steps: int = 10      # steps timed (after as many warm-up steps) against the budget
-    budget: float = 4.0        # a row's steps may cost up to this x the autoencoder's own (no quantizer)
+    budget: float = 6.0        # a row's steps may cost up to this x the autoencoder's own (no quantizer)
     replan_steps: int = 100    # the row's steps are re-planned from its mean step time this often
     max_train_s: float = 900.0  # and its steps never take longer than this (s)
     held_in_usage: bool = False  # also measure usage on the dense views of the training photos
@@ -403,6 +407,11 @@ class Row:
     skip: str | None = None
     init_codes: int = 0  # k-means rows: codes per layer to initialise from one large first batch
     setup: dict = dataclasses.field(default_factory=dict)  # how the quantizer was built (for the JSON)
+    min_latent: int = 0  # the row's latent has max(cfg.latent_dim, min_latent) channels (LFQ: its bits)
+
+    def latent_dim(self, cfg: StudyConfig) -> int:
+        """Channels of this row's latent: ``cfg.latent_dim``, or more where the quantizer needs them."""
+        return max(cfg.latent_dim, self.min_latent)
 
 
 def _restart_threshold(cfg: StudyConfig, k: int) -> float:
@@ -411,12 +420,18 @@ def _restart_threshold(cfg: StudyConfig, k: int) -> float:
     return min(2.0, cfg.restart_share * cfg.tokens_per_step / k)
 
 
-def _vqtok_row(family: str, b: int, name: str, cfg: StudyConfig, init_codes: int = 0, **setup) -> Row:
-    """A vqtok row: build_quantizer(name, dim=latent_dim, **setup); ``setup`` goes into the JSON."""
+def _vqtok_row(family: str, b: int, name: str, cfg: StudyConfig, init_codes: int = 0, min_latent: int = 0,
+               **setup) -> Row:
+    """A vqtok row: build_quantizer(name, dim=the row's latent channels, **setup); ``setup`` goes
+    into the JSON, with ``latent_dim`` where the row widens the latent (``min_latent``)."""
     from vqtok.quantizers import build_quantizer
 
-    return Row(family, "vqtok", b, lambda c: build_quantizer(name, dim=c.latent_dim, **setup),
-               init_codes=init_codes, setup={"quantizer": name, **setup})
+    row = Row(family, "vqtok", b, None, init_codes=init_codes, setup={"quantizer": name, **setup},
+              min_latent=min_latent)
+    row.build = lambda c: build_quantizer(name, dim=row.latent_dim(c), **setup)
+    if row.latent_dim(cfg) != cfg.latent_dim:
+        row.setup["latent_dim"] = row.latent_dim(cfg)
+    return row
 
 
 def vqtok_rows(cfg: StudyConfig) -> list[Row]:
@@ -424,23 +439,27 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
     rows = []
     for b in cfg.sizes:
         k, kr = 2**b, 2 ** (b // 2)
+        where = dict(restart=cfg.vq_restart) if cfg.vq_restart != "random" else {}
         restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k),
-                       estimator=cfg.vq_estimator)
+                       estimator=cfg.vq_estimator, **where)
         rows += [
             _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad"),
             _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart),
             _vqtok_row("vq-l2norm-dim8", b, "vq", cfg, k, codebook_size=k, codebook_dim=8, metric="cosine",
                        **restart),
             _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
-                       kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator),
+                       kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator,
+                       **where),
             _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std, beta=cfg.simvq_beta),
-            _vqtok_row("bsq", b, "bsq", cfg, bits=b, **BSQ_ENTROPY),
+            _vqtok_row("bsq", b, "bsq", cfg, min_latent=b, bits=b, **BSQ_ENTROPY),
         ]
     for b in (*cfg.sizes, *cfg.big_sizes):
         rows += [
             _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b]),
             _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], **FSQ_ENTROPY),
-            _vqtok_row("lfq", b, "lfq", cfg, bits=b, **lfq_entropy(cfg)),
+            # B bits need B latent channels: a Linear from fewer spans a subspace whose regions
+            # cannot hold all 2^B sign patterns evenly (a 16-channel Gaussian latent reaches ~half of 2^18)
+            _vqtok_row("lfq", b, "lfq", cfg, min_latent=b, bits=b, **lfq_entropy(cfg)),
         ]
     return rows
 
@@ -468,8 +487,8 @@ def peer_rows(cfg: StudyConfig) -> list[Row]:
         gib = 3 * tokens * 2**b * 4 / 2**30  # logits, probabilities and their gradient, fp32
         skip = f"needs ~{gib:.1f} GiB for its {tokens}x2^{b} probabilities" if gib > cfg.peer_lfq_max_gib else None
         rows.append(Row("lfq-entropy", impl, b, lambda c, b=b: PeerAdapter(
-            vqp.LFQ(dim=d, codebook_size=2**b, entropy_loss_weight=0.1), 2**b, True), skip=skip,
-            setup={"quantizer": "LFQ", "entropy_loss_weight": 0.1}))
+            vqp.LFQ(dim=max(c.latent_dim, b), codebook_size=2**b, entropy_loss_weight=0.1), 2**b, True), skip=skip,
+            setup={"quantizer": "LFQ", "entropy_loss_weight": 0.1}, min_latent=b))
     return rows
 
 
@@ -540,13 +559,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor):
     return out, loss
 
 
-def base_step_s(cfg: StudyConfig, train: Crops) -> float:
+def base_step_s(cfg: StudyConfig, train: Crops, latent_dim: int | None = None) -> float:
     """Seconds per training step of the autoencoder without a quantizer (``PassThrough``): the
     median of 2 x ``probe_steps`` steps after ``probe_steps`` warm-up steps, on ``train``'s
-    crops. Rows measure it just before they train, so their cost (step time / this) does not
-    move with the machine's speed, which on a shared virtual machine changes from minute to
-    minute."""
-    model = StudyAE(PassThrough(), cfg.latent_dim, cfg.width, cfg.latent_norm)
+    crops, with ``latent_dim`` (default ``cfg.latent_dim``) latent channels. Rows measure it just
+    before they train, so their cost (step time / this) does not move with the machine's speed,
+    which on a shared virtual machine changes from minute to minute."""
+    model = StudyAE(PassThrough(), latent_dim or cfg.latent_dim, cfg.width, cfg.latent_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     model.train()
     times = []
@@ -596,13 +615,14 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     base = {"family": row.family, "impl": row.impl, "log2_codes": row.log2_codes, "setup": row.setup}
     if row.skip:
         return {**base, "skipped": row.skip}
-    base_s = base_step_s(cfg, train)  # before the row's seeds: its crops and weights do not see it
+    latent_dim = row.latent_dim(cfg)
+    base_s = base_step_s(cfg, train, latent_dim)  # before the row's seeds: its crops and weights do not see it
     stop_s = min(cfg.max_train_s, 1.25 * cfg.budget * cfg.steps * base_s)
     torch.manual_seed(cfg.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantizer = row.build(cfg)
-    model = StudyAE(quantizer, cfg.latent_dim, cfg.width, cfg.latent_norm)
+    model = StudyAE(quantizer, latent_dim, cfg.width, cfg.latent_norm)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     train.g.manual_seed(cfg.seed)
     t0 = time.perf_counter()

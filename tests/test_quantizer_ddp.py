@@ -29,9 +29,10 @@ def _free_port() -> int:
 
 
 def _data(step: int, rank: int, n: int = 96, d: int = 8) -> torch.Tensor:
-    """Rank- and step-specific tokens [n, d]; rank 1 gets fewer rows to exercise uneven gathers."""
+    """Rank- and step-specific tokens [n, d]; rank 1 gets fewer rows to exercise uneven gathers,
+    and none at step 1 (a rank without tokens must still enter every collective)."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    rows = n if rank == 0 else n - 16
+    rows = n if rank == 0 else (0 if step == 1 else n - 16)
     return torch.randn(rows, d, generator=g) + 2.0 * rank
 
 
@@ -40,6 +41,8 @@ def _modules():
     return {
         "vq_kmeans": lambda: VectorQuantizer(8, 32, kmeans_init=True, kmeans_iters=3, decay=0.8),
         "vq_restart": lambda: VectorQuantizer(8, 64, dead_code_threshold=1.0, decay=0.5, learning="grad"),
+        "vq_restart_nearest": lambda: VectorQuantizer(8, 64, dead_code_threshold=1.0, decay=0.5, learning="grad",
+                                                      restart="nearest"),
         "rvq_dropout": lambda: ResidualVQ(8, 16, 3, quantizer_dropout=0.7, kmeans_init=True, kmeans_iters=2,
                                           dead_code_threshold=0.5),
         "lfq": lambda: LFQ(8, bits=6, entropy_weight=0.1),
@@ -94,7 +97,7 @@ def test_identical_state_on_every_rank(ranks, name):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{name}: {k} differs across ranks"
-    if name == "vq_restart":
+    if name.startswith("vq_restart"):
         assert ranks[0][name]["restarted"] > 0  # the restart path (all_gather) really ran
 
 
@@ -107,13 +110,14 @@ def test_equal_to_single_process_on_concatenated_data(ranks, name):
             assert torch.allclose(dist_state[k], v, atol=1e-5, rtol=1e-5), f"{name}: {k}"
         else:
             assert torch.equal(dist_state[k], v), f"{name}: {k}"
-    assert int(dist_state["health.histogram"].sum()) == STEPS * (96 + 80)
+    assert int(dist_state["health.histogram"].sum()) == STEPS * 96 + (STEPS - 1) * 80
 
 
-def test_fsq_entropy_is_the_global_batch_value(ranks):
-    """FSQ's logged entropies on 2 ranks equal those of one process on the concatenated batches."""
-    single = _run("fsq_entropy", [torch.cat([_data(s, r) for r in range(WORLD)]) for s in range(STEPS)])
+@pytest.mark.parametrize("name", ["fsq_entropy", "lfq"])
+def test_entropies_are_the_global_batch_values(ranks, name):
+    """Logged entropies on 2 ranks equal those of one process on the concatenated batches."""
+    single = _run(name, [torch.cat([_data(s, r) for r in range(WORLD)]) for s in range(STEPS)])
     assert len(single["entropies"]) == STEPS
     for rank in range(WORLD):
-        got = torch.tensor(ranks[rank]["fsq_entropy"]["entropies"], dtype=torch.float64)
+        got = torch.tensor(ranks[rank][name]["entropies"], dtype=torch.float64)
         torch.testing.assert_close(got, torch.tensor(single["entropies"], dtype=torch.float64), rtol=1e-5, atol=1e-6)

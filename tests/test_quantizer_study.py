@@ -38,6 +38,37 @@ def test_rows_cover_every_family_and_size(qs):
     assert all(r.skip is None for r in peers if r.log2_codes <= 14)
 
 
+def test_lfq_rows_get_a_latent_channel_per_bit(qs, monkeypatch):
+    """LFQ at 2^18 trains on an 18-channel latent (no 16 -> 18 projection); every other row on
+    ``latent_dim`` channels, in the row's model and in its reference step alike."""
+    import warnings
+
+    cfg = dataclasses.replace(qs.QUICK, steps=2, probe_steps=1, sizes=(10,), big_sizes=(18,))
+    rows = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(cfg)}
+    lfq18 = rows["lfq", 18]
+    assert lfq18.latent_dim(cfg) == 18 and lfq18.setup["latent_dim"] == 18
+    assert all(r.latent_dim(cfg) == cfg.latent_dim and "latent_dim" not in r.setup
+               for key, r in rows.items() if key != ("lfq", 18))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "fewer channels than bits" warning: no projection at all
+        q = lfq18.build(cfg)
+    assert q.dim == q.bits == 18 and isinstance(q.in_proj, torch.nn.Identity)
+    peer18 = [r for r in qs.peer_rows(cfg) if r.family == "lfq-entropy" and r.log2_codes == 18]
+    assert not peer18 or peer18[0].latent_dim(cfg) == 18
+    dims = []
+    real = qs.StudyAE
+
+    def spy(quantizer, latent_dim, *args):
+        dims.append(latent_dim)
+        return real(quantizer, latent_dim, *args)
+
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    monkeypatch.setattr(qs, "StudyAE", spy)
+    r = qs.run_row(lfq18, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:2], held)
+    assert dims == [18, 18] and r["setup"]["latent_dim"] == 18  # the reference step, then the row
+
+
 def test_held_out_photos_are_disjoint_and_tiles_in_range(qs):
     assert not set(qs.TRAIN_PHOTOS) & set(qs.EVAL_PHOTOS)
     photo = qs.photo_tensor("retina", 0.05)
@@ -211,7 +242,7 @@ def test_pass_through_baseline_leaves_the_rows_seeds_alone(qs, monkeypatch):
         return r["usage"], r["psnr"], r["final_loss"]
 
     measured = run()
-    monkeypatch.setattr(qs, "base_step_s", lambda cfg, train: 1.0)  # no reference steps at all
+    monkeypatch.setattr(qs, "base_step_s", lambda cfg, train, latent_dim=None: 1.0)  # no reference steps at all
     assert run() == measured
 
 

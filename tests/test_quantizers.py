@@ -101,10 +101,28 @@ def test_build_quantizer_errors():
 
 def test_codebook_sizes():
     assert FSQ([8, 5, 5, 5]).codebook_size == 1000
-    assert LFQ(4, bits=18).codebook_size == 2**18
+    with pytest.warns(UserWarning, match="at least 18 channels"):
+        assert LFQ(4, bits=18).codebook_size == 2**18
     assert BSQ(16).codebook_size == 2**16
     assert ResidualVQ(4, 8, 3).codebook_size == 8
     assert SimVQ(4, 8).codebook_size == 8
+
+
+@pytest.mark.parametrize("cls", [LFQ, BSQ])
+def test_lfq_with_fewer_channels_than_bits_warns_and_cannot_use_its_codes(cls, recwarn):
+    """The warning's claim: 8 bits from 6 Gaussian channels leave codes unused at 100 tokens per
+    code, where 8 channels use all 256."""
+    torch.manual_seed(0)
+    narrow = cls(6, bits=8, entropy_weight=0.0)
+    assert len(recwarn) == 1 and "give the encoder at least 8 channels" in str(recwarn.pop().message)
+    full = cls(8, bits=8, entropy_weight=0.0)
+    assert len(recwarn) == 0
+
+    def usage(m, d):
+        return torch.bincount(m.encode(torch.randn(25600, d)), minlength=256).gt(0).float().mean().item()
+
+    assert usage(full, 8) == 1.0
+    assert usage(narrow, 6) < 0.9
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +315,21 @@ def test_dead_code_restart_uses_recent_inputs():
     for c in m.codebook[8:]:
         assert bool(((x - c).abs().amax(1) == 0).any())
     assert bool((m.cluster_size >= 0.5).all())
+
+
+def test_nearest_restart_moves_dead_codes_to_their_nearest_recent_input():
+    m = VectorQuantizer(2, 4, dead_code_threshold=0.5, decay=0.0, learning="grad", restart="nearest")
+    with torch.no_grad():
+        m.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0], [10.5, 10.5]]))
+    x = torch.tensor([[0.1, 0.0], [2.0, 2.0], [-2.0, 2.0], [0.0, -0.1]])  # every token picks code 0
+    out = m(x)
+    assert float(out.stats["restarted"]) == 3
+    cb = m.codebook.detach()
+    assert torch.equal(cb[0], torch.zeros(2)) and torch.equal(cb[1], x[1]) and torch.equal(cb[2], x[2])
+    # code 3's nearest input is code 1's: it takes a random recent input instead
+    assert bool(((x - cb[3]).abs().amax(1) == 0).any())
+    with pytest.raises(ValueError, match="restart must be one of"):
+        VectorQuantizer(2, 4, restart="farthest")
 
 
 def test_kmeans_recovers_separated_clusters():

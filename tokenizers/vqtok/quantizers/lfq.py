@@ -15,6 +15,7 @@ the index is channel b > 0 (LSB first).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,9 @@ class LFQ(Quantizer):
     """Lookup-free quantiser.
 
     Args:
-        dim: channels of z; projected to ``bits`` channels (and back) when they differ.
+        dim: channels of z; projected to ``bits`` channels (and back) when they differ. With fewer
+            channels than bits the projected bits are linearly dependent and the codes cannot all be
+            used (a warning says so): give LFQ / BSQ at least ``bits`` channels.
         bits: B (default dim); codebook_size = 2^B, at most 2^62.
         entropy_weight: overall weight of the entropy term (0 disables it).
         per_sample_weight, codebook_weight: weights of the two entropy terms.
@@ -81,6 +84,12 @@ class LFQ(Quantizer):
         self.entropy_weight, self.per_sample_weight = float(entropy_weight), float(per_sample_weight)
         self.codebook_weight, self.commitment_weight = float(codebook_weight), float(commitment_weight)
         self.temperature, self.eps_mode, self.estimator, self.backend = float(temperature), eps_mode, estimator, backend
+        if self.bits > self.dim:
+            warnings.warn(
+                f"{type(self).__name__}(dim={self.dim}, bits={self.bits}): in_proj maps {self.dim} channels to "
+                f"{self.bits} bits, so the bits vary in a {self.dim}-dimensional subspace whose sign regions "
+                f"cannot hold the 2^{self.bits} codes evenly (a Gaussian latent uses about half of them when 2 bits "
+                f"short); give the encoder at least {self.bits} channels", UserWarning, stacklevel=2)
         self.in_proj = nn.Linear(self.dim, self.bits) if self.dim != self.bits else nn.Identity()
         self.out_proj = nn.Linear(self.bits, self.dim) if self.dim != self.bits else nn.Identity()
         self.health = make_health(self.codebook_size, health)
@@ -98,25 +107,33 @@ class LFQ(Quantizer):
         signs, idx = lfq_quantize(h.detach(), backend=self.backend)
         return signs * self.code_scale, idx.to(torch.int64)
 
-    def entropy_loss(self, h: torch.Tensor) -> torch.Tensor:
-        """entropy_weight * (per_sample_weight * H_sample - codebook_weight * H_codebook); h [N, B]."""
+    def entropies(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample, codebook) entropy of h [N, B] (vqtok.ops.lfq_entropy)."""
         op = _entropy_op()
         if op is None:
             raise RuntimeError("entropy_weight > 0 needs vqtok.ops.lfq_entropy, which this build lacks; "
                                "set entropy_weight=0 or update vqtok")
-        per_sample, codebook = op(h, temperature=self.temperature, scale=self.code_scale, eps_mode=self.eps_mode)
+        return op(h, temperature=self.temperature, scale=self.code_scale, eps_mode=self.eps_mode)
+
+    def entropy_loss(self, per_sample: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """entropy_weight * (per_sample_weight * H_sample - codebook_weight * H_codebook)."""
         return self.entropy_weight * (self.per_sample_weight * per_sample - self.codebook_weight * codebook)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         x, layout = C.flatten_tokens(z, self.dim)
+        entropies = None
         with C.fp32_region(z.device):
             h = self._prepare(x)
             q, idx = self._quantize(h)
             loss = self.commitment_weight * F.mse_loss(h, q) if h.numel() else h.sum() * 0
-            if self.entropy_weight > 0 and self.training and h.numel():
-                loss = loss + self.entropy_loss(h)
+            # under DDP a rank with no tokens still joins the entropy's all-reduces
+            if self.entropy_weight > 0 and self.training and (h.shape[0] or C.is_distributed()):
+                entropies = self.entropies(h)
+                loss = loss + self.entropy_loss(*entropies)
             out = self.out_proj(C.estimate(h, q, self.estimator))
         stats = track(self.health, idx, self.codebook_size, self.training)
+        if entropies is not None:
+            stats["entropy_sample"], stats["entropy_codebook"] = (e.detach() for e in entropies)
         return QuantizerOutput(layout.unflatten(out).to(z.dtype), layout.indices(idx), loss, stats)
 
     @torch.no_grad()

@@ -28,6 +28,9 @@ from .health import make_health
 from .kmeans import kmeans
 
 
+RESTARTS = ("random", "nearest")
+
+
 class VectorQuantizer(Quantizer):
     """Nearest-code quantiser with an EMA- or gradient-learned codebook.
 
@@ -46,6 +49,10 @@ class VectorQuantizer(Quantizer):
         kmeans_iters: Lloyd iterations of that initialisation.
         dead_code_threshold: restart codes whose EMA count per step falls below this (0: never).
         restart_buffer: rows of recent encoder outputs kept for restarts (default max(4096, K)).
+        restart: where a dead code restarts: "random" (a random recent encoder output, Jukebox) or
+            "nearest" (the recent output nearest to it, as the anchors of Zheng & Vedaldi 2023,
+            CVQ-VAE; codes that pick the same output share it with one, the others go random).
+            Nearest keeps a code in its part of the latent space, so rare regions keep codes.
         estimator: "ste" (straight-through) or "rotation" (rotation trick).
         backend: nearest_code backend ("auto", "torch", "cpp", "cuda", "triton").
         health: keyword arguments of CodebookHealth (decay, dead_ratio, min_usage, ...).
@@ -68,6 +75,7 @@ class VectorQuantizer(Quantizer):
         kmeans_iters: int = 10,
         dead_code_threshold: float = 0.0,
         restart_buffer: int | None = None,
+        restart: str = "random",
         estimator: str = "ste",
         backend: str = "auto",
         health: dict | None = None,
@@ -80,6 +88,7 @@ class VectorQuantizer(Quantizer):
         C.check_choice("metric", metric, ("l2", "cosine"))
         C.check_choice("learning", learning, ("ema", "grad"))
         C.check_choice("estimator", estimator, C.ESTIMATORS)
+        C.check_choice("restart", restart, RESTARTS)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
         if dead_code_threshold < 0:
@@ -88,7 +97,7 @@ class VectorQuantizer(Quantizer):
         self.decay, self.eps = float(decay), float(eps)
         self.beta, self.codebook_weight = float(beta), float(codebook_weight)
         self.kmeans_init, self.kmeans_iters, self.seed = bool(kmeans_init), int(kmeans_iters), int(seed)
-        self.dead_code_threshold = float(dead_code_threshold)
+        self.dead_code_threshold, self.restart = float(dead_code_threshold), restart
 
         k, dc = self.codebook_size, self.codebook_dim
         self.in_proj = nn.Linear(dim, dc) if dc != dim else nn.Identity()
@@ -234,12 +243,20 @@ class VectorQuantizer(Quantizer):
         # restarts exactly the codes an uninterrupted one does.
         gl = C.shared_generator(self.seed, int(self.steps), salt=2)
         pick = torch.randint(max(self._fifo_len, 1), (nd,), generator=gl).to(self._fifo.device)
+        nearest = self.restart == "nearest"  # the same on every rank (a FIFO's fill may not be)
+        if nearest:
+            dist = torch.full((nd,), torch.inf, device=self._fifo.device)
+            if self._fifo_len > 0:
+                pick, dist = self._nearest_unshared(self.codes()[dead], pick)
         local = self._fifo[pick]
         if self._fifo_len == 0:
             local = local + torch.randn(local.shape, generator=gl).to(local)
         gathered = C.all_gather_rows(local).reshape(C.world_size(), nd, -1)
-        g = C.shared_generator(self.seed, int(self.steps), salt=1)
-        owner = torch.randint(C.world_size(), (nd,), generator=g).to(gathered.device)
+        if nearest:  # the rank holding the nearest output (rank 0 where no rank has an unshared one)
+            owner = C.all_gather_rows(dist[:, None]).reshape(C.world_size(), nd).argmin(0)
+        else:
+            g = C.shared_generator(self.seed, int(self.steps), salt=1)
+            owner = torch.randint(C.world_size(), (nd,), generator=g).to(gathered.device)
         cand = gathered[owner, torch.arange(nd, device=gathered.device)]
         self.codebook.data[dead] = cand.to(self.codebook.dtype)
         fresh = self.cluster_size.sum() / self.codebook_size  # a grace period: the mean usage
@@ -247,6 +264,18 @@ class VectorQuantizer(Quantizer):
         if self.learning == "ema":
             self.embed_sum[dead] = cand * fresh
         return nd
+
+    def _nearest_unshared(self, codes: torch.Tensor, fallback: torch.Tensor):
+        """FIFO rows nearest to each of ``codes`` [nd, Dc] and their squared distances; where codes
+        share a row, the first keeps it and the rest take ``fallback``'s random rows (distance inf,
+        so under DDP another rank's unshared row wins)."""
+        fifo = self._fifo[: self._fifo_len]
+        pick, dist = nearest_code(codes, fifo, backend=self.backend)
+        first = torch.full((self._fifo_len,), codes.shape[0], dtype=torch.int64, device=pick.device)
+        first.scatter_reduce_(0, pick, torch.arange(codes.shape[0], device=pick.device), "amin")
+        shared = first[pick] != torch.arange(codes.shape[0], device=pick.device)
+        pick = torch.where(shared, fallback % self._fifo_len, pick)
+        return pick, torch.where(shared, torch.inf, dist.to(torch.float32))
 
     def _kmeans_init(self, h: torch.Tensor) -> None:
         """k-means on every rank's first batch (gathered, so every rank computes the same result)."""
