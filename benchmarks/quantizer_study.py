@@ -25,9 +25,9 @@ rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put b
 per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
 code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.6; 1.0:
 to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
-trick, vqtok's VQ rows the estimator ``vq_estimator`` and restarts ``vq_restart``. Each vqtok row's ``setup`` (the
-build_quantizer arguments: restarts, entropy terms) is in the JSON. ``--set KEY=VALUE`` overrides
-any ``StudyConfig`` field.
+trick, vqtok's VQ rows the estimator ``vq_estimator`` and restarts ``vq_restart``. Each vqtok
+row's ``setup`` (the build_quantizer arguments: restarts, entropy terms) is in the JSON. ``--set
+KEY=VALUE`` overrides any ``StudyConfig`` field.
 
 Evaluation, two passes over the held-out photos:
 - reconstruction (PSNR, SSIM via ``vqtok.evaluate``) on a non-overlapping grid of ``eval_tile`` px

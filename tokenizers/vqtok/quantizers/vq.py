@@ -52,7 +52,8 @@ class VectorQuantizer(Quantizer):
         restart: where a dead code restarts: "random" (a random recent encoder output, Jukebox) or
             "nearest" (the recent output nearest to it, as the anchors of Zheng & Vedaldi 2023,
             CVQ-VAE; codes that pick the same output share it with one, the others go random).
-            Nearest keeps a code in its part of the latent space, so rare regions keep codes.
+            A code in a sparse region then moves to the data nearest to it instead of into the
+            dense regions that random draws favour.
         estimator: "ste" (straight-through) or "rotation" (rotation trick).
         backend: nearest_code backend ("auto", "torch", "cpp", "cuda", "triton").
         health: keyword arguments of CodebookHealth (decay, dead_ratio, min_usage, ...).
