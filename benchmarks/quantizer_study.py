@@ -426,12 +426,9 @@ def _vqtok_row(family: str, b: int, name: str, cfg: StudyConfig, init_codes: int
     into the JSON, with ``latent_dim`` where the row widens the latent (``min_latent``)."""
     from vqtok.quantizers import build_quantizer
 
-    row = Row(family, "vqtok", b, None, init_codes=init_codes, setup={"quantizer": name, **setup},
-              min_latent=min_latent)
-    row.build = lambda c: build_quantizer(name, dim=row.latent_dim(c), **setup)
-    if row.latent_dim(cfg) != cfg.latent_dim:
-        row.setup["latent_dim"] = row.latent_dim(cfg)
-    return row
+    recorded = {"quantizer": name, **setup, **({"latent_dim": min_latent} if min_latent > cfg.latent_dim else {})}
+    return Row(family, "vqtok", b, lambda c: build_quantizer(name, dim=max(c.latent_dim, min_latent), **setup),
+               init_codes=init_codes, setup=recorded, min_latent=min_latent)
 
 
 def vqtok_rows(cfg: StudyConfig) -> list[Row]:

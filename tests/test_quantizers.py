@@ -125,6 +125,17 @@ def test_lfq_with_fewer_channels_than_bits_warns_and_cannot_use_its_codes(cls, r
     assert usage(narrow, 6) < 0.9
 
 
+def test_lfq_projection_usage_script(capsys):
+    from scripts import load_script
+
+    mod = load_script("benchmarks/lfq_projection_usage.py")
+    narrow, full = mod.usage(6, 8, 50), mod.usage(8, 8, 50)
+    assert full[0] == 1.0 and narrow[0] < 0.9 and narrow[1] < full[1]
+    assert mod.main(["--bits", "6", "--dims", "5,6", "--tokens-per-code", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[2].split()[:4] == ["6", "6", "20", "1.000"]
+
+
 # --------------------------------------------------------------------------------------------
 # EMA, estimators, gradients
 # --------------------------------------------------------------------------------------------

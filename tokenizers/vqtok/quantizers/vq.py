@@ -275,7 +275,7 @@ class VectorQuantizer(Quantizer):
         first = torch.full((self._fifo_len,), codes.shape[0], dtype=torch.int64, device=pick.device)
         first.scatter_reduce_(0, pick, torch.arange(codes.shape[0], device=pick.device), "amin")
         shared = first[pick] != torch.arange(codes.shape[0], device=pick.device)
-        pick = torch.where(shared, fallback % self._fifo_len, pick)
+        pick = torch.where(shared, fallback, pick)
         return pick, torch.where(shared, torch.inf, dist.to(torch.float32))
 
     def _kmeans_init(self, h: torch.Tensor) -> None:
