@@ -98,7 +98,8 @@ class StudyConfig:
     vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
-    lfq_entropy: tuple = (0.3, 0.3, 1.0)  # LFQ rows: entropy weight, temperature, per-sample term's weight
+    lfq_entropy: tuple = (0.1, 0.3, 1.0)  # LFQ rows at ``sizes``: entropy weight, temperature, per-sample term's weight
+    lfq_entropy_big: tuple = (3.0, 0.3, 1.0)  # the same at ``big_sizes``
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
     big_sizes: tuple = (18,)  # extra log2 sizes for FSQ and LFQ
     peer_lfq_max_gib: float = 2.0
@@ -390,11 +391,14 @@ FSQ_ENTROPY = dict(entropy_weight=0.3, temperature=0.5)
 BSQ_ENTROPY = dict(entropy_weight=0.1, temperature=0.05)
 
 
-def lfq_entropy(cfg: StudyConfig) -> dict:
-    """The LFQ rows' entropy arguments from ``cfg.lfq_entropy``."""
-    if len(cfg.lfq_entropy) != 3:
-        raise ValueError(f"lfq_entropy is (weight, temperature, per-sample weight), got {cfg.lfq_entropy!r}")
-    weight, temperature, per_sample = cfg.lfq_entropy
+def lfq_entropy(cfg: StudyConfig, b: int) -> dict:
+    """The entropy arguments of the LFQ row with 2^b codes: ``cfg.lfq_entropy_big`` at the big
+    sizes, else ``cfg.lfq_entropy``."""
+    name = "lfq_entropy_big" if b in cfg.big_sizes and b not in cfg.sizes else "lfq_entropy"
+    value = getattr(cfg, name)
+    if len(value) != 3:
+        raise ValueError(f"{name} is (weight, temperature, per-sample weight), got {value!r}")
+    weight, temperature, per_sample = value
     return dict(entropy_weight=weight, temperature=temperature, per_sample_weight=per_sample)
 
 
@@ -456,7 +460,7 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
             _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], **FSQ_ENTROPY),
             # B bits need B latent channels: a Linear from fewer spans a subspace whose regions
             # cannot hold all 2^B sign patterns evenly (a 16-channel Gaussian latent reaches ~half of 2^18)
-            _vqtok_row("lfq", b, "lfq", cfg, min_latent=b, bits=b, **lfq_entropy(cfg)),
+            _vqtok_row("lfq", b, "lfq", cfg, min_latent=b, bits=b, **lfq_entropy(cfg, b)),
         ]
     return rows
 

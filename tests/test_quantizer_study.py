@@ -324,10 +324,19 @@ def test_set_overrides_config_fields(qs):
     cfg = qs.override(qs.QUICK, ["seed=3", "scales=0.5,1", "big_sizes=18", "lr_decay=cosine",
                                  "held_in_usage=true", "lfq_entropy=0.2,0.4,0.5"])
     assert (cfg.seed, cfg.scales, cfg.big_sizes, cfg.lr_decay, cfg.held_in_usage) == (3, (0.5, 1.0), (18,), "cosine", True)
-    assert qs.lfq_entropy(cfg) == dict(entropy_weight=0.2, temperature=0.4, per_sample_weight=0.5)
+    assert qs.lfq_entropy(cfg, 10) == dict(entropy_weight=0.2, temperature=0.4, per_sample_weight=0.5)
+    # the big sizes (here 2^18, not in sizes) take lfq_entropy_big, which --set reaches alike
+    assert qs.lfq_entropy(cfg, 18) == dict(entropy_weight=3.0, temperature=0.3, per_sample_weight=1.0)
+    big = qs.override(cfg, ["lfq_entropy_big=0.5,0.2,2"])
+    assert qs.lfq_entropy(big, 18) == dict(entropy_weight=0.5, temperature=0.2, per_sample_weight=2.0)
+    assert qs.lfq_entropy(big, 10) == qs.lfq_entropy(cfg, 10)
+    rows = {r.log2_codes: r.setup for r in qs.vqtok_rows(big) if r.family == "lfq"}
+    assert rows[10]["entropy_weight"] == 0.2 and rows[18]["entropy_weight"] == 0.5
     assert cfg.steps == qs.QUICK.steps
     with pytest.raises(ValueError, match="per-sample"):
-        qs.lfq_entropy(qs.override(qs.FULL, ["lfq_entropy=0.2,0.4"]))
+        qs.lfq_entropy(qs.override(qs.FULL, ["lfq_entropy=0.2,0.4"]), 10)
+    with pytest.raises(ValueError, match="lfq_entropy_big"):
+        qs.lfq_entropy(qs.override(qs.FULL, ["lfq_entropy_big=0.2"]), 18)
     assert qs.override(qs.FULL, ["big_sizes="]).big_sizes == ()
     for bad, match in (("nope=1", "KEY=VALUE"), ("seed", "KEY=VALUE"), ("steps=many", "int"),
                        ("held_in_usage=maybe", "bool")):
