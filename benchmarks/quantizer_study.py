@@ -99,7 +99,7 @@ class StudyConfig:
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     lfq_entropy: tuple = (0.1, 0.3, 1.0)  # LFQ rows at ``sizes``: entropy weight, temperature, per-sample term's weight
-    lfq_entropy_big: tuple = (3.0, 0.3, 1.0)  # the same at ``big_sizes``
+    lfq_entropy_big: tuple = (5.0, 0.3, 1.0)  # the same at ``big_sizes``
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
     big_sizes: tuple = (18,)  # extra log2 sizes for FSQ and LFQ
     peer_lfq_max_gib: float = 2.0

@@ -326,7 +326,7 @@ def test_set_overrides_config_fields(qs):
     assert (cfg.seed, cfg.scales, cfg.big_sizes, cfg.lr_decay, cfg.held_in_usage) == (3, (0.5, 1.0), (18,), "cosine", True)
     assert qs.lfq_entropy(cfg, 10) == dict(entropy_weight=0.2, temperature=0.4, per_sample_weight=0.5)
     # the big sizes (here 2^18, not in sizes) take lfq_entropy_big, which --set reaches alike
-    assert qs.lfq_entropy(cfg, 18) == dict(entropy_weight=3.0, temperature=0.3, per_sample_weight=1.0)
+    assert qs.lfq_entropy(cfg, 18) == dict(entropy_weight=5.0, temperature=0.3, per_sample_weight=1.0)
     big = qs.override(cfg, ["lfq_entropy_big=0.5,0.2,2"])
     assert qs.lfq_entropy(big, 18) == dict(entropy_weight=0.5, temperature=0.2, per_sample_weight=2.0)
     assert qs.lfq_entropy(big, 10) == qs.lfq_entropy(cfg, 10)
