@@ -392,9 +392,9 @@ BSQ_ENTROPY = dict(entropy_weight=0.1, temperature=0.05)
 
 
 def lfq_entropy(cfg: StudyConfig, b: int) -> dict:
-    """The entropy arguments of the LFQ row with 2^b codes: ``cfg.lfq_entropy_big`` at the big
-    sizes, else ``cfg.lfq_entropy``."""
-    name = "lfq_entropy_big" if b in cfg.big_sizes and b not in cfg.sizes else "lfq_entropy"
+    """The entropy arguments of the LFQ row with 2^b codes: ``cfg.lfq_entropy`` at ``cfg.sizes``,
+    else (the big sizes) ``cfg.lfq_entropy_big``."""
+    name = "lfq_entropy" if b in cfg.sizes else "lfq_entropy_big"
     value = getattr(cfg, name)
     if len(value) != 3:
         raise ValueError(f"{name} is (weight, temperature, per-sample weight), got {value!r}")
