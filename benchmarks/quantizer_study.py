@@ -98,6 +98,8 @@ class StudyConfig:
     vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
+    fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
+    fsq_entropy_big: tuple = (0.03, 0.5)  # the same at ``big_sizes``
     lfq_entropy: tuple = (0.1, 0.3, 1.0)  # LFQ rows at ``sizes``: entropy weight, temperature, per-sample term's weight
     lfq_entropy_big: tuple = (5.0, 0.3, 1.0)  # the same at ``big_sizes``
     sizes: tuple = (10, 14)   # log2 codebook sizes for every family
@@ -386,20 +388,28 @@ class PeerAdapter(nn.Module):
 
 
 FSQ_LEVELS = {10: [8, 5, 5, 5], 14: [8, 8, 8, 6, 5], 18: [8, 8, 8, 8, 8, 8]}  # Mentzer et al. table 1 style
-# entropy terms (weight, temperature) of the vqtok rows; the peers' LFQ keeps its own defaults
-FSQ_ENTROPY = dict(entropy_weight=0.3, temperature=0.5)
+# the BSQ rows' entropy term (weight, temperature); the peers' LFQ keeps its own defaults
 BSQ_ENTROPY = dict(entropy_weight=0.1, temperature=0.05)
 
 
+def _sized_setting(cfg: StudyConfig, name: str, b: int, keys: tuple[str, ...]) -> dict:
+    """``cfg.<name>`` for a row with 2^b codes at ``cfg.sizes``, else (the big sizes)
+    ``cfg.<name>_big``, as build arguments ``keys``."""
+    field = name if b in cfg.sizes else f"{name}_big"
+    value = getattr(cfg, field)
+    if len(value) != len(keys):
+        raise ValueError(f"{field} is ({', '.join(keys)}), got {value!r}")
+    return dict(zip(keys, value))
+
+
+def fsq_entropy(cfg: StudyConfig, b: int) -> dict:
+    """The entropy arguments of the fsq-entropy row with 2^b codes (``fsq_entropy`` / ``_big``)."""
+    return _sized_setting(cfg, "fsq_entropy", b, ("entropy_weight", "temperature"))
+
+
 def lfq_entropy(cfg: StudyConfig, b: int) -> dict:
-    """The entropy arguments of the LFQ row with 2^b codes: ``cfg.lfq_entropy`` at ``cfg.sizes``,
-    else (the big sizes) ``cfg.lfq_entropy_big``."""
-    name = "lfq_entropy" if b in cfg.sizes else "lfq_entropy_big"
-    value = getattr(cfg, name)
-    if len(value) != 3:
-        raise ValueError(f"{name} is (weight, temperature, per-sample weight), got {value!r}")
-    weight, temperature, per_sample = value
-    return dict(entropy_weight=weight, temperature=temperature, per_sample_weight=per_sample)
+    """The entropy arguments of the LFQ row with 2^b codes (``lfq_entropy`` / ``_big``)."""
+    return _sized_setting(cfg, "lfq_entropy", b, ("entropy_weight", "temperature", "per_sample_weight"))
 
 
 @dataclass
@@ -457,7 +467,7 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
     for b in (*cfg.sizes, *cfg.big_sizes):
         rows += [
             _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b]),
-            _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], **FSQ_ENTROPY),
+            _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], **fsq_entropy(cfg, b)),
             # B bits need B latent channels: a Linear from fewer spans a subspace whose regions
             # cannot hold all 2^B sign patterns evenly (a 16-channel Gaussian latent reaches ~half of 2^18)
             _vqtok_row("lfq", b, "lfq", cfg, min_latent=b, bits=b, **lfq_entropy(cfg, b)),

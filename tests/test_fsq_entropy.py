@@ -52,6 +52,27 @@ def test_matches_dense_product_distribution(levels, n, tau, scale):
     assert ps.item() - 1e-12 <= cb.item() <= math.log(math.prod(levels)) + 1e-12  # H(mean) >= mean H
 
 
+def test_far_levels_are_zero_not_denormal():
+    """Levels whose probability would be denormal get exactly 0 (denormals slow x86 10-100x); the
+    entropies and their gradients stay those of the float64 dense distribution."""
+    from vqtok.ops.fsq_entropy import dim_probs
+
+    levels, tau = [8, 5, 5, 5], 0.05
+    h = (torch.randn(64, 4, generator=torch.Generator().manual_seed(3)) * 3).requires_grad_()
+    p, logp = dim_probs(h.detach(), levels, tau)
+    tiny = torch.finfo(torch.float32).tiny
+    assert ((p == 0) | (p >= tiny)).all() and (p == 0).any()  # far levels: 0, not denormal
+    assert torch.isfinite(logp).all()
+    ps, cb = fsq_entropy(h, levels, temperature=tau)
+    ref_ps, ref_cb = dense_entropy(h.detach(), levels, tau)
+    assert abs(ps.item() - ref_ps.item()) < 1e-5 and abs(cb.item() - ref_cb.item()) < 1e-5
+    # float64 keeps these levels (e^-98 is normal there): the gradients agree
+    hd = h.detach().double().requires_grad_()
+    (ps - cb).backward()
+    (lambda r: r[0] - r[1])(fsq_entropy(hd, levels, temperature=tau)).backward()
+    assert torch.allclose(h.grad.double(), hd.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_chunk_independent_and_shapes():
     levels = [4, 3, 5]
     h = torch.randn(2, 3, 9, 11, dtype=torch.float64).movedim(1, -1)  # [..., d], not contiguous

@@ -333,7 +333,15 @@ def test_set_overrides_config_fields(qs):
     rows = {r.log2_codes: r.setup for r in qs.vqtok_rows(big) if r.family == "lfq"}
     assert rows[10]["entropy_weight"] == 0.2 and rows[18]["entropy_weight"] == 0.5
     assert cfg.steps == qs.QUICK.steps
-    with pytest.raises(ValueError, match="per-sample"):
+    # FSQ's entropy rows alike: fsq_entropy at sizes, fsq_entropy_big at the big sizes
+    fsq = qs.override(cfg, ["fsq_entropy=0.02,0.4", "fsq_entropy_big=0.2,0.6"])
+    assert qs.fsq_entropy(fsq, 10) == dict(entropy_weight=0.02, temperature=0.4)
+    assert qs.fsq_entropy(fsq, 18) == dict(entropy_weight=0.2, temperature=0.6)
+    rows = {r.log2_codes: r.setup for r in qs.vqtok_rows(fsq) if r.family == "fsq-entropy"}
+    assert rows[10]["entropy_weight"] == 0.02 and rows[18]["temperature"] == 0.6
+    with pytest.raises(ValueError, match="fsq_entropy_big is"):
+        qs.fsq_entropy(qs.override(qs.FULL, ["fsq_entropy_big=0.2"]), 18)
+    with pytest.raises(ValueError, match="per_sample_weight"):
         qs.lfq_entropy(qs.override(qs.FULL, ["lfq_entropy=0.2,0.4"]), 10)
     with pytest.raises(ValueError, match="lfq_entropy_big"):
         qs.lfq_entropy(qs.override(qs.FULL, ["lfq_entropy_big=0.2"]), 18)

@@ -89,8 +89,9 @@ def split_dims(levels: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def dim_probs(h: torch.Tensor, levels: list[int], temperature: float):
-    """h [N, d] (compute dtype) -> (p, log p, raw log p) [N, d, Lmax] of each dim's soft assignment
-    over its grid; entries past L_d are p = 0, log p = 0, raw log p = -inf (differentiable)."""
+    """h [N, d] (compute dtype) -> (p, log p) [N, d, Lmax] of each dim's soft assignment
+    over its grid (differentiable). Entries past L_d, and levels whose probability would be below
+    the dtype's smallest normal number, have p = 0 and a finite log p."""
     half_l, offset, shift, half_width = fsq_constants(levels, dtype=h.dtype, device=h.device)
     u = torch.tanh(h + shift) * half_l - offset  # [N, d], level units
     lmax = max(levels)
@@ -98,9 +99,18 @@ def dim_probs(h: torch.Tensor, levels: list[int], temperature: float):
     grid = j - half_width[:, None]  # [d, Lmax]: g = digit - half_width
     pad = j[None, :] >= torch.tensor(levels, device=h.device, dtype=h.dtype)[:, None]  # [d, Lmax]
     logits = (-(u[:, :, None] - grid) ** 2 / temperature).masked_fill(pad, -math.inf)
-    logp = torch.log_softmax(logits, -1)
-    # clamp: a logit that overflowed to -inf (absurdly small tau) must give 0 log 0 = 0, not NaN
-    return logp.exp(), logp.masked_fill(pad, 0.0).clamp(min=torch.finfo(h.dtype).min), logp
+    # the log-softmax written out (torch's kernel costs ~0.2 us per row of a few levels), with the
+    # levels past L_d and those whose probability would be denormal (far levels at small tau, e.g.
+    # e^-98 at distance 7, tau 0.5) set to exactly 0: exp of -inf or into the denormals is 10-100x
+    # slower on x86, and the GEMM path flushes anything below 2^-62 regardless (flush_threshold)
+    lo = math.log(torch.finfo(h.dtype).tiny) + 1.0  # exp at exactly log(tiny) takes the slow path too
+    shifted = logits - logits.detach().amax(-1, keepdim=True)  # <= 0, the most likely level at 0
+    drop = shifted < lo  # also the -inf past L_d
+    shifted = shifted.clamp(min=lo)
+    e = torch.exp(shifted).masked_fill(drop, 0.0)
+    s = e.sum(-1, keepdim=True)  # >= 1
+    logp = shifted - torch.log(s)  # finite; entries with p = 0 carry no weight anywhere
+    return e / s, logp
 
 
 def group_probs_t(p: torch.Tensor, dims: tuple[int, ...], levels: list[int]) -> torch.Tensor:
@@ -154,7 +164,7 @@ def pbar_backward(p: torch.Tensor, groups, levels: list[int], chunk: int, g: tor
 
 
 class _CodebookEntropy(torch.autograd.Function):
-    """H(pbar) from p [N, d, Lmax]; differentiable w.r.t. log p (the raw log-softmax, -inf past L_d),
+    """H(pbar) from p [N, d, Lmax]; differentiable w.r.t. log p (``dim_probs``; p = 0 past L_d),
     whose gradient comes in closed form (``_group_grad_``) instead of autograd through the products."""
 
     @staticmethod
@@ -223,7 +233,7 @@ def fsq_entropy(
     k1 = math.prod(levels[i] for i in groups[0])
     rows = max(1, min(max(x.shape[0], 1), chunk if chunk is not None else max(64, _CHUNK_ELEMS // (k1 + k // k1))))
     with torch.autocast(x.device.type, enabled=False):
-        p, logp, raw_logp = dim_probs(x.to(dtype), levels, float(temperature))
+        p, logp = dim_probs(x.to(dtype), levels, float(temperature))
         per_sample = _GlobalMean.apply(-(p * logp).sum(), n_global, dist_info)
-        codebook = _CodebookEntropy.apply(raw_logp, p, groups, levels, rows, dist_info, n_global)
+        codebook = _CodebookEntropy.apply(logp, p, groups, levels, rows, dist_info, n_global)
     return per_sample, codebook
