@@ -24,8 +24,10 @@ and a token's distribution over the K = prod(L_d) codes is the product ``P_n(c) 
   with digit j) and by autograd through the per-dim log-softmaxes.
 
 Entropies are in nats, ``-p log p`` with ``0 log 0 = 0`` and no clamp (lfq_entropy's ``exact`` mode:
-uniform usage of 2^18 codes is pbar ~ 3.8e-6). Probabilities below sqrt(smallest normal) are flushed
-to 0 in the GEMM path (``lfq_entropy.flush_threshold``: at most 2^-62 per token in fp32).
+uniform usage of 2^18 codes is pbar ~ 3.8e-6). A level whose p_nd would be below e times the
+smallest normal number is exactly 0 (``dim_probs``), and code probabilities below sqrt(smallest
+normal) are flushed to 0 in the GEMM path (``lfq_entropy.flush_threshold``: at most 2^-62 per token
+in fp32).
 
 DDP: as ``lfq_entropy`` (same helpers): when ``torch.distributed`` is initialised (or
 ``process_group`` is given) pbar, the per-sample sum and N are all-reduced, so both values are those
