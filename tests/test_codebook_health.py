@@ -162,6 +162,40 @@ def test_ema_perplexity_carried_through_updates_matches_the_buffer():
     assert ema_ppl(h) == pytest.approx(2.0 ** 1.5, rel=1e-6)  # (1/2, 1/4, 1/4)
 
 
+def test_dead_count_equals_the_mask_count():
+    """dead_count (no mask) counts exactly the codes dead_mask marks, ties at the threshold included."""
+    k = 1 << 12
+    h = CodebookHealth(k)
+    g = torch.Generator().manual_seed(5)
+    for step in range(5):
+        h.update(torch.randint(0, k // 2, (900,), generator=g))
+        assert int(h.dead_count()) == int(h.dead_mask().sum())
+    thr = h.dead_ratio / k * (1 - h.decay ** int(h.steps))
+    ema = torch.rand(k, generator=g) * 2 * thr
+    ema[::5] = torch.tensor(thr, dtype=torch.float32)  # exactly at the threshold: not dead
+    ema[::7] = 0.0
+    ema[1::11] = torch.finfo(torch.float32).tiny / 4  # denormal
+    h.ema_probs.copy_(ema)
+    assert h.dead_count().dtype == torch.int64
+    assert int(h.dead_count()) == int(h.dead_mask().sum()) == int((ema < thr).sum())
+    assert h.summary()["dead_codes"] == int(h.dead_mask().sum())
+
+
+def test_ema_never_holds_denormals():
+    """A code whose EMA decays below the smallest normal float becomes exactly 0 (denormals slow
+    every later pass over the buffer ~70x on x86); codes above it keep their value."""
+    k = 64
+    h = CodebookHealth(k, decay=0.5)
+    h.update(torch.arange(k))
+    tiny = torch.finfo(torch.float32).tiny
+    h.ema_probs[:8] = tiny * 1.5  # decays to 0.75 tiny: denormal without the flush
+    h.ema_probs[8:16] = tiny * 4  # stays normal (2 tiny)
+    h.update(torch.tensor([40, 41]))
+    ema = h.ema_probs
+    assert ((ema == 0) | (ema >= tiny)).all()
+    assert (ema[:8] == 0).all() and torch.allclose(ema[8:16], torch.full((8,), 2 * tiny))
+
+
 def test_entropy_of_weights():
     from vqtok.quantizers.health import entropy_of_weights
 
