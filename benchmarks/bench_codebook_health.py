@@ -8,9 +8,12 @@ at 2^18 codes) that update is a fixed cost per step on top of the quantiser itse
 Method: ``tokens`` random ids per step from a fixed generator, ``warmup`` steps, then ``reps``
 timings of ``steps`` consecutive updates each; the table gives the median time per update and the
 fastest and slowest of the ``reps``. torch threads: ``--threads`` (default torch's).
+``--against REV`` also times the tracker as of git revision REV (``vqtok.bench.revision``), its reps
+alternating with the current one's in this process, and adds the ratio of the medians.
 
     .venv/bin/python benchmarks/bench_codebook_health.py --threads 2
     .venv/bin/python benchmarks/bench_codebook_health.py --bits 10,18 --tokens 1536 --json health.json
+    .venv/bin/python benchmarks/bench_codebook_health.py --threads 1 --reps 31 --against HEAD~1   # before / after
 """
 
 from __future__ import annotations
@@ -23,32 +26,50 @@ import time
 import torch
 
 from vqtok.bench.report import format_table
+from vqtok.bench.revision import interleaved, module_at
 from vqtok.metrics.codebook import CodebookHealth
 
 
-def measure(bits: int, tokens: int, steps: int = 32, reps: int = 9, warmup: int = 32, seed: int = 0) -> dict:
-    """Median / min / max microseconds per ``CodebookHealth.update`` of ``tokens`` ids over 2^bits codes."""
+def measure(bits: int, tokens: int, steps: int = 32, reps: int = 9, warmup: int = 32, seed: int = 0,
+            against: tuple[str, object] | None = None) -> dict:
+    """Median / min / max microseconds per ``CodebookHealth.update`` of ``tokens`` ids over 2^bits codes.
+    ``against`` = (revision, that revision's ``vqtok.quantizers.health`` module): its tracker runs
+    the same updates, alternating with the current one rep by rep."""
     k = 1 << bits
     g = torch.Generator().manual_seed(seed)
     batches = [torch.randint(k, (tokens,), generator=g) for _ in range(steps)]
-    health = CodebookHealth(k)
-    for i in range(warmup):
-        health.update(batches[i % steps])
-    per_step = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for idx in batches:
-            stats = health.update(idx)
-        per_step.append((time.perf_counter() - t0) / steps * 1e6)
-    return {"bits": bits, "codes": k, "tokens": tokens, "median_us": statistics.median(per_step),
-            "min_us": min(per_step), "max_us": max(per_step), "reps": reps, "steps_per_rep": steps,
-            "ema_perplexity": float(stats["ema_perplexity"]), "dead_codes": int(stats["dead_codes"])}
+    trackers = {"current": CodebookHealth(k)}
+    if against is not None:
+        trackers["against"] = against[1].CodebookHealth(k)
+    last = {}
+
+    def run_of(name):
+        def run():
+            for idx in batches:
+                last[name] = trackers[name].update(idx)
+        return run
+
+    for health in trackers.values():
+        for i in range(warmup):
+            health.update(batches[i % steps])
+    times = interleaved({n: run_of(n) for n in trackers}, reps)
+    per_step = [t / steps * 1e6 for t in times["current"]]
+    stats = last["current"]
+    row = {"bits": bits, "codes": k, "tokens": tokens, "median_us": statistics.median(per_step),
+           "min_us": min(per_step), "max_us": max(per_step), "reps": reps, "steps_per_rep": steps,
+           "ema_perplexity": float(stats["ema_perplexity"]), "dead_codes": int(stats["dead_codes"])}
+    if against is not None:
+        old = statistics.median(t / steps * 1e6 for t in times["against"])
+        row.update(against=against[0], against_median_us=old, ratio=row["median_us"] / old)
+    return row
 
 
 def table(rows: list[dict]) -> str:
     return format_table([{"codes": f"2^{r['bits']}", "tokens": r["tokens"], "median us": round(r["median_us"]),
                           "min us": round(r["min_us"]), "max us": round(r["max_us"]),
-                          "EMA ppl": round(r["ema_perplexity"], 1), "dead": r["dead_codes"]} for r in rows])
+                          "EMA ppl": round(r["ema_perplexity"], 1), "dead": r["dead_codes"],
+                          **({f"{r['against']} us": round(r["against_median_us"]), "ratio": round(r["ratio"], 3)}
+                             if "against" in r else {})} for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="updates per timing")
     ap.add_argument("--reps", type=int, default=9, help="timings per size (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--against", default=None, metavar="REV",
+                    help="also time the tracker as of this git revision, alternating with the current one in "
+                         "this process (ratio = current / REV median)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
     try:
@@ -68,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--bits must be in 1..24; --tokens, --steps and --reps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [measure(b, args.tokens, args.steps, args.reps) for b in bits]
+    against = None
+    if args.against:
+        try:
+            against = (args.against, module_at(args.against, "vqtok.quantizers.health"))
+        except ValueError as e:
+            ap.error(f"--against: {e}")
+    rows = [measure(b, args.tokens, args.steps, args.reps, against=against) for b in bits]
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
