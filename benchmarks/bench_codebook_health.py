@@ -26,7 +26,8 @@ import time
 import torch
 
 from vqtok.bench.report import format_table
-from vqtok.bench.revision import interleaved, module_at
+from vqtok.bench.revision import against as load_against
+from vqtok.bench.revision import interleaved
 from vqtok.metrics.codebook import CodebookHealth
 
 
@@ -92,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--bits must be in 1..24; --tokens, --steps and --reps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    against = None
-    if args.against:
-        try:
-            against = (args.against, module_at(args.against, "vqtok.quantizers.health"))
-        except ValueError as e:
-            ap.error(f"--against: {e}")
+    against = load_against(args.against, "vqtok.quantizers.health", ap.error)
     rows = [measure(b, args.tokens, args.steps, args.reps, against=against) for b in bits]
     print(table(rows))
     if args.json:

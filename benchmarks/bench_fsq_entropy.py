@@ -27,7 +27,8 @@ import time
 import torch
 
 from vqtok.bench.report import format_table
-from vqtok.bench.revision import interleaved, module_at
+from vqtok.bench.revision import against as load_against
+from vqtok.bench.revision import interleaved
 from vqtok.ops.fsq_entropy import fsq_entropy
 
 # the quantizer study's FSQ levels at 2^10, 2^14 and 2^18 codes
@@ -101,12 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("levels >= 2 with at most 2^22 codes; --tokens and --reps >= 1; --temperature > 0")
     if args.threads:
         torch.set_num_threads(args.threads)
-    against = None
-    if args.against:
-        try:
-            against = (args.against, module_at(args.against, "vqtok.ops.fsq_entropy"))
-        except ValueError as e:
-            ap.error(f"--against: {e}")
+    against = load_against(args.against, "vqtok.ops.fsq_entropy", ap.error)
     rows = [measure(ls, n, args.temperature, args.reps, against=against) for ls in level_sets for n in tokens]
     print(table(rows))
     if args.json:

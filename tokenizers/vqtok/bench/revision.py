@@ -52,6 +52,18 @@ def module_at(revision: str, name: str) -> types.ModuleType:
     return module
 
 
+def against(revision: str | None, name: str, error: Callable[[str], object]) -> tuple[str, types.ModuleType] | None:
+    """A benchmark's ``--against REV`` option: (REV, ``module_at(REV, name)``), None without one;
+    a revision git cannot show goes to ``error`` (e.g. ``ArgumentParser.error``)."""
+    if not revision:
+        return None
+    try:
+        return revision, module_at(revision, name)
+    except ValueError as e:
+        error(f"--against: {e}")
+        raise
+
+
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
     """Seconds of each ``fns`` call, ``reps`` times each, the calls alternating within every rep
     (the order rotates from rep to rep, so neither version always runs first)."""
