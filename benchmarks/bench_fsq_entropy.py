@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import statistics
-import time
 
 import torch
 
