@@ -183,7 +183,7 @@ def test_dead_count_equals_the_mask_count():
 
 def test_ema_never_holds_denormals():
     """A code whose EMA decays below the smallest normal float becomes exactly 0 (denormals slow
-    every later pass over the buffer ~70x on x86); codes above it keep their value."""
+    every later pass over the buffer 10-100x on x86); codes above it keep their value."""
     k = 64
     h = CodebookHealth(k, decay=0.5)
     h.update(torch.arange(k))

@@ -101,10 +101,10 @@ def dim_probs(h: torch.Tensor, levels: list[int], temperature: float):
     grid = j - half_width[:, None]  # [d, Lmax]: g = digit - half_width
     pad = j[None, :] >= torch.tensor(levels, device=h.device, dtype=h.dtype)[:, None]  # [d, Lmax]
     logits = (-(u[:, :, None] - grid) ** 2 / temperature).masked_fill(pad, -math.inf)
-    # the log-softmax written out (torch's kernel costs ~0.2 us per row of a few levels), with the
-    # levels past L_d and those whose probability would be denormal (far levels at small tau, e.g.
-    # e^-98 at distance 7, tau 0.5) set to exactly 0: exp of -inf or into the denormals is 10-100x
-    # slower on x86, and the GEMM path flushes anything below 2^-62 regardless (flush_threshold)
+    # the log-softmax written out (torch's kernel is slow on rows of a few levels), with the levels
+    # past L_d and those whose probability would be denormal (far levels at small tau, e.g. e^-98
+    # at distance 7, tau 0.5) set to exactly 0: exp of -inf or into the denormals is far slower on
+    # x86, and the GEMM path flushes anything below 2^-62 regardless (flush_threshold)
     lo = math.log(torch.finfo(h.dtype).tiny) + 1.0  # exp at exactly log(tiny) takes the slow path too
     shifted = logits - logits.detach().amax(-1, keepdim=True)  # <= 0, the most likely level at 0
     drop = shifted < lo  # also the -inf past L_d

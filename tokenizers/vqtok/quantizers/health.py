@@ -166,8 +166,8 @@ class CodebookHealth(nn.Module):
             few = ids.numel() * MOMENTS_CARRY_RATIO < self.codebook_size
             moments = self._current_moments() if few and self._moments_age < MOMENTS_RESUM_STEPS else None
             ema.mul_(d)
-            # a code unused for ~7k steps decays into the denormals, where every later pass over
-            # the buffer runs ~70x slower on x86 (2.3 ms against 34 us for 2^18 floats): flush to 0
+            # a code unused for thousands of steps decays into the denormals, which slow every later
+            # pass over the buffer 10-100x on x86 (as in lfq_entropy.flush_threshold): flush to 0
             F.threshold_(ema, torch.finfo(ema.dtype).tiny, 0.0)
             before = ema[ids].to(torch.float64) if moments is not None else None
             ema.index_add_(0, ids, share, alpha=(1.0 - d) / total)
@@ -211,23 +211,24 @@ class CodebookHealth(nn.Module):
             return torch.zeros_like(self.ema_probs)
         return self.ema_probs / (1.0 - self.decay**steps)
 
+    def _raw_dead_threshold(self) -> float:
+        """dead_ratio / K times the bias correction: the raw EMA's dead threshold (no corrected copy)."""
+        steps = int(self.steps)
+        return self.dead_ratio / self.codebook_size * (1.0 - self.decay**steps if steps else 1.0)
+
     def dead_mask(self, probs: torch.Tensor | None = None) -> torch.Tensor:
         """Codes below dead_ratio / K of ``probs`` (default: corrected_probs(), compared as the
         raw EMA against the threshold times the bias correction: no corrected copy)."""
         if probs is None:
-            steps = int(self.steps)
-            scale = 1.0 - self.decay**steps if steps else 1.0
-            return self.ema_probs < self.dead_ratio / self.codebook_size * scale
+            return self.ema_probs < self._raw_dead_threshold()
         return probs < self.dead_ratio / self.codebook_size
 
     def dead_count(self) -> torch.Tensor:
-        """``dead_mask().sum()`` (int64 scalar) without the mask, whose comparison and count took
-        2.4x as long at 2^18 codes here. The rounded difference ``ema - threshold`` is negative
+        """``dead_mask().sum()`` (int64 scalar) without the mask: torch's comparison and count cost
+        more than this arithmetic on CPU. The rounded difference ``ema - threshold`` is negative
         exactly where ``ema < threshold`` (it keeps its sign and is 0 only at equality), so the
         count is -sum(sign(min(ema - threshold, 0))), summed in fp32: exact up to 2^24 codes."""
-        steps = int(self.steps)
-        scale = 1.0 - self.decay**steps if steps else 1.0
-        below = (self.ema_probs - self.dead_ratio / self.codebook_size * scale).clamp_(max=0.0).sign_()
+        below = (self.ema_probs - self._raw_dead_threshold()).clamp_(max=0.0).sign_()
         return (-below.sum(dtype=torch.float32)).to(torch.int64)
 
     @torch.no_grad()
