@@ -120,6 +120,66 @@ def test_gradient_matches_dense_autograd():
     torch.testing.assert_close(h.grad, h2.grad, rtol=0, atol=1e-12)
 
 
+def _dim_probs_by_autograd(h, levels, tau):
+    """dim_probs's values as plain differentiable torch ops ([d, Lmax, N], far and padded levels 0)."""
+    half_l, offset, shift, half_width = fsq_constants(levels, dtype=h.dtype)
+    u = (torch.tanh(h + shift) * half_l - offset).t()  # [d, N]
+    j = torch.arange(max(levels), dtype=h.dtype)
+    grid = j - half_width[:, None]
+    pad = j[None, :] >= torch.tensor(levels, dtype=h.dtype)[:, None]
+    logits = (-(u[:, None, :] - grid[:, :, None]) ** 2 / tau).masked_fill(pad[:, :, None], -math.inf)
+    lo = math.log(torch.finfo(h.dtype).tiny) + 1.0
+    shifted = logits - logits.detach().amax(1, keepdim=True)
+    drop = shifted < lo
+    shifted = shifted.clamp(min=lo)
+    e = torch.exp(shifted).masked_fill(drop, 0.0)
+    s = e.sum(1, keepdim=True)
+    return e / s, shifted - torch.log(s)
+
+
+@pytest.mark.parametrize("dtype,tau,scale", [(torch.float64, 0.4, 1.5), (torch.float32, 0.05, 3.0)])
+@pytest.mark.parametrize("grads", ["both", "p", "logp"])
+def test_dim_probs_closed_form_gradient_matches_autograd(dtype, tau, scale, grads):
+    """The closed-form backward of dim_probs against autograd through the same ops, for any
+    cotangents of p and log p, with padded levels (L = 5, 3, 2) and, in fp32 at tau 0.05, levels
+    dropped for being below the smallest normal probability."""
+    from vqtok.ops.fsq_entropy import dim_probs
+
+    levels = [5, 3, 2]
+    g = torch.Generator().manual_seed(7)
+    h = (torch.randn(40, 3, generator=g, dtype=dtype) * scale).requires_grad_()
+    p, logp = dim_probs(h, levels, tau)
+    rp, rlogp = _dim_probs_by_autograd(h, levels, tau)
+    torch.testing.assert_close(p, rp, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-14)
+    torch.testing.assert_close(logp, rlogp, rtol=1e-6, atol=1e-6 if dtype == torch.float32 else 1e-13)
+    if dtype == torch.float32:
+        assert (p == 0).any() and torch.equal(p == 0, rp == 0)
+    cotangents = {"both": (True, True), "p": (True, False), "logp": (False, True)}[grads]
+    cot = [torch.randn(p.shape, generator=g, dtype=dtype) if on else None for on in cotangents]
+
+    def grad_of(outputs):
+        pairs = [(o, c) for o, c in zip(outputs, cot) if c is not None]
+        return torch.autograd.grad([o for o, _ in pairs], h, [c for _, c in pairs], retain_graph=True)[0]
+
+    torch.testing.assert_close(grad_of((p, logp)), grad_of((rp, rlogp)),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10,
+                               atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_gradient_same_with_one_chunk_or_many():
+    """The one-chunk path keeps P1^T, P2^T from the forward; more chunks build them again."""
+    levels = [8, 5, 5, 5]
+    h = torch.randn(300, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = []
+    for chunk in (None, 64, 7):
+        x = h.clone().requires_grad_()
+        ps, cb = fsq_entropy(x, levels, temperature=0.5, chunk=chunk)
+        (0.2 * ps - cb).backward()
+        grads.append(x.grad)
+    for other in grads[1:]:
+        torch.testing.assert_close(grads[0], other, rtol=0, atol=1e-12)
+
+
 def test_saturated_inputs_no_nan():
     h = torch.tensor([[40.0, -40.0, 0.0], [-40.0, 40.0, 1e-3]]).repeat(50, 1).requires_grad_()
     ps, cb = fsq_entropy(h, [8, 5, 4], temperature=1e-3)
@@ -281,3 +341,20 @@ def test_fsq_entropy_bench_script(tmp_path, capsys):
     assert "8,5,5" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main(["--levels", "1,4"])
+
+
+def test_tables_first_built_under_inference_mode_serve_training():
+    """The cached per-levels tables are plain tensors even when inference mode built them first."""
+    import importlib
+
+    mod = importlib.import_module("vqtok.ops.fsq_entropy")
+    levels = [7, 3, 3]  # levels no other test uses: the cache is cold here
+    mod._tables_cached.cache_clear()
+    mod._digit_onehot_cached.cache_clear()
+    with torch.inference_mode():
+        ps, cb = fsq_entropy(torch.randn(20, 3), levels)
+    assert not any(t.is_inference() for t in mod._tables(levels, torch.float32, torch.device("cpu")))
+    h = torch.randn(20, 3, requires_grad=True)
+    ps2, cb2 = fsq_entropy(h, levels)
+    (ps2 - cb2).backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
