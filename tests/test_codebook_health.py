@@ -196,6 +196,23 @@ def test_ema_never_holds_denormals():
     assert (ema[:8] == 0).all() and torch.allclose(ema[8:16], torch.full((8,), 2 * tiny))
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_cast_to_low_precision_keeps_the_ema_fp32(low):
+    """A tracker in a model cast to bf16 / fp16 keeps its fp32 EMA (bit for bit) and keeps updating
+    as an uncast one does; .double() still widens it."""
+    ids = [torch.randint(100, (300,), generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    a, b = CodebookHealth(100), CodebookHealth(100)
+    a.update(ids[0]), b.update(ids[0])
+    b.to(low)
+    assert b.ema_probs.dtype == torch.float32 and torch.equal(a.ema_probs, b.ema_probs)
+    for x in ids[1:]:
+        sa, sb = a.update(x), b.update(x)
+        assert int(sa["dead_codes"]) == int(sb["dead_codes"])
+        assert float(sa["ema_perplexity"]) == float(sb["ema_perplexity"])
+    assert torch.equal(a.ema_probs, b.ema_probs) and torch.equal(a.histogram, b.histogram)
+    assert b.double().ema_probs.dtype == torch.float64
+
+
 def test_entropy_of_weights():
     from vqtok.quantizers.health import entropy_of_weights
 

@@ -377,6 +377,41 @@ def test_autocast_runs_in_fp32(key, amp):
         assert torch.equal(low.quantized, m(z.to(amp).float()).quantized.to(amp))
 
 
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_model_cast_to_low_precision_keeps_quantizer_state_fp32(key, low):
+    """model.to(bf16 / fp16) around a quantizer: its state stays fp32 and equal to before (no
+    rounding through the low dtype), it takes low-precision z, trains, and answers as the fp32
+    module does on the same values; .double() and device moves still apply."""
+    import copy
+
+    torch.manual_seed(0)
+    m = _build(key)
+    for _ in range(2):  # k-means init, EMA counts, usage statistics: state worth keeping
+        m(torch.randn(64, 12))
+    ref = copy.deepcopy(m)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 12), m).to(low)
+    assert model[0].weight.dtype == low
+    state = m.state_dict()
+    for name, t in ref.state_dict().items():
+        assert state[name].dtype == t.dtype and torch.equal(state[name], t), name
+    z = torch.randn(3, 12, 4, 5).to(low)
+    m.eval(), ref.eval()
+    with torch.no_grad():
+        out, want = m(z), ref(z.float())
+    assert torch.equal(out.indices, want.indices)
+    assert out.quantized.dtype == low and torch.equal(out.quantized, want.quantized.to(low))
+    m.train()
+    zg = z.clone().requires_grad_()
+    o = m(zg)
+    (o.quantized.float().square().sum() + o.loss).backward()
+    assert zg.grad.dtype == low and torch.isfinite(zg.grad.float()).all()
+    assert all(t.dtype != low for t in m.state_dict().values())
+    wide = copy.deepcopy(ref).double()
+    assert all(t.dtype == torch.float64 for t in wide.state_dict().values() if t.is_floating_point())
+    assert all(p.dtype == torch.float64 for p in wide.parameters())
+
+
 # aot_eager (traces the backward too) for the most stateful module, dynamo-only "eager" for the rest
 COMPILE_CASES = [("vq-kmeans-restart", "aot_eager"), ("vq-grad-cos-lowdim", "eager"), ("rvq", "eager"),
                  ("fsq", "eager"), ("lfq", "eager"), ("simvq", "eager")]

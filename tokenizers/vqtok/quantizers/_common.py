@@ -73,6 +73,30 @@ def layout_of_indices(indices: torch.Tensor, depth: int | None = None) -> Layout
     return Layout(shape, channel_first=len(shape) > 1)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def keep_fp32(fn):
+    """Wrap a ``Module._apply`` conversion so that fp32 tensors keep their dtype when ``fn`` would
+    cast them to fp16 / bf16 (``.half()``, ``.bfloat16()``, ``.to(torch.bfloat16)``); device moves
+    and every other conversion (``.double()``, ``.to_empty()``) apply as usual. ``fn``'s target is
+    read from its result on an empty tensor of the same dtype and device.
+
+    Quantizers compute in fp32 whatever the surrounding precision (``fp32_region``), and their
+    state (codebooks, projections, EMA counts, usage statistics) is what that fp32 math reads and
+    accumulates: a model cast to bf16 would otherwise hand them bf16 weights (a dtype error in
+    every fp32 matmul) and bf16 running statistics (8 bits of mantissa under a 0.99 EMA)."""
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.float32:
+            target = fn(t.new_empty(0))
+            if target.dtype in LOW_PRECISION:
+                return t.to(device=target.device)
+        return fn(t)
+
+    return apply
+
+
 def fp32_region(device: torch.device):
     """Disable autocast: quantizers compute in fp32 whatever the surrounding AMP policy."""
     try:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._common import keep_fp32
+
 
 @dataclass
 class QuantizerOutput:
@@ -33,10 +35,17 @@ class Quantizer(nn.Module):
     Inputs are channel-first feature maps ``[B, D, *spatial]`` (1-D, 2-D or 3-D data) or flat
     tokens ``[N, D]``; ``encode`` returns indices ``[B, *spatial]`` and ``decode(indices)`` returns
     the quantized map in the same layout, so ``decode(encode(z)) == forward(z).quantized``.
+
+    A quantizer's fp32 parameters and buffers stay fp32 when a model around it is cast to fp16 /
+    bf16 (``model.to(torch.bfloat16)``); device moves and ``.double()`` apply as usual. It takes
+    inputs of any float dtype, computes in fp32 and returns ``quantized`` in the input's dtype.
     """
 
     codebook_size: int
     dim: int
+
+    def _apply(self, fn, recurse=True):
+        return super()._apply(keep_fp32(fn), recurse)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import all_reduce_sum_, is_distributed
+from ._common import all_reduce_sum_, is_distributed, keep_fp32
 
 MAX_TRACKED_CODES = 1 << 24  # the histogram costs 16 bytes per code
 MOMENTS_RESUM_STEPS = 1024  # the EMA's carried moments are summed afresh from the buffer this often
@@ -109,6 +109,10 @@ class CodebookHealth(nn.Module):
         self._moments: tuple[float, float] | None = None
         self._moments_key: tuple | None = None  # which ema_probs, at which version, they describe
         self._moments_age = 0  # updates since they were last summed from the buffer
+
+    def _apply(self, fn, recurse=True):
+        # the EMA stays fp32 in a model cast to fp16 / bf16 (see _common.keep_fp32)
+        return super()._apply(keep_fp32(fn), recurse)
 
     # ----------------------------------------------------------------------------------------
     def _valid_ids(self, indices: torch.Tensor) -> torch.Tensor:
