@@ -180,6 +180,20 @@ def test_gradient_same_with_one_chunk_or_many():
         torch.testing.assert_close(grads[0], other, rtol=0, atol=1e-12)
 
 
+def test_backward_reuses_the_forward_products_bit_for_bit():
+    """One chunk: pbar_sum's P1^T, P2^T serve pbar_backward, bit for bit as building them again."""
+    from vqtok.ops.fsq_entropy import dim_probs, pbar_backward, pbar_sum
+
+    levels = [8, 5, 5, 5]
+    h = torch.randn(200, 4, generator=torch.Generator().manual_seed(4))
+    p, _ = dim_probs(h, levels, 0.5)
+    groups = split_dims(tuple(levels))
+    acc, pts = pbar_sum(p, groups, levels, 256)
+    assert pts is not None and pbar_sum(p, groups, levels, 64)[1] is None
+    g = torch.randn(acc.shape, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(pbar_backward(p, groups, levels, 256, g, pts), pbar_backward(p, groups, levels, 256, g))
+
+
 def test_saturated_inputs_no_nan():
     h = torch.tensor([[40.0, -40.0, 0.0], [-40.0, 40.0, 1e-3]]).repeat(50, 1).requires_grad_()
     ps, cb = fsq_entropy(h, [8, 5, 4], temperature=1e-3)

@@ -149,6 +149,20 @@ def test_invariant_to_split_chunk_and_bit_permutation():
     torch.testing.assert_close(za.grad[..., perm], zb.grad, rtol=1e-10, atol=1e-14)
 
 
+def test_backward_reuses_the_forward_products_bit_for_bit():
+    """One chunk of tokens: pbar_sum hands its P1^T, P2^T to pbar_backward, whose gradient is then
+    the one it computes by building them again, bit for bit; several chunks build them again."""
+    from vqtok.ops.lfq_entropy import pbar_backward, pbar_sum
+
+    a = torch.randn(300, 10, generator=torch.Generator().manual_seed(5)) * 3
+    g = torch.randn(32, 32, generator=torch.Generator().manual_seed(6))
+    acc, pts = pbar_sum(a, 5, 512)
+    assert pts is not None and pbar_sum(a, 5, 100)[1] is None
+    torch.testing.assert_close(acc, pbar_sum(a, 5, 100)[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(pbar_backward(a, 5, 512, g, pts), pbar_backward(a, 5, 512, g))
+    torch.testing.assert_close(pbar_backward(a, 5, 512, g), pbar_backward(a, 5, 64, g), rtol=1e-5, atol=1e-6)
+
+
 def test_saturated_codes_no_nan():
     """pbar == 0 for most codes (0 log 0 = 0), sigmoid saturates to exactly 0/1."""
     z = torch.sign(torch.randn(64, 12)) * 50

@@ -198,8 +198,9 @@ class _WithGrad(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 # codebook entropy, torch path: chunked BLAS GEMMs, pbar held (2^B floats), P1/P2 recomputed
 # --------------------------------------------------------------------------------------------
-def pbar_sum(a: torch.Tensor, b1: int, chunk: int) -> torch.Tensor:
-    """sum_n P1[n]^T P2[n] as [2^B1, 2^B2] (not divided by N). a [N, B]."""
+def pbar_sum(a: torch.Tensor, b1: int, chunk: int):
+    """(sum_n P1[n]^T P2[n] as [2^B1, 2^B2] (not divided by N), (P1^T, P2^T) when the tokens are one
+    chunk, else None: ``pbar_backward`` then reuses them instead of building them again). a [N, B]."""
     n, bits = a.shape
     b2 = bits - b1
     acc = a.new_zeros(1 << b1, 1 << b2)
@@ -210,7 +211,7 @@ def pbar_sum(a: torch.Tensor, b1: int, chunk: int) -> torch.Tensor:
         m = ac.shape[0]
         p1t, p2t = half_probs_t(ac[:, :b1], buf1[:, :m]), half_probs_t(ac[:, b1:], buf2[:, :m])
         acc.addmm_(p1t, p2t.t())
-    return acc
+    return acc, (buf1, buf2) if 0 < n <= chunk else None
 
 
 def _half_grad(pt: torch.Tensor, dpt: torch.Tensor, a_half: torch.Tensor, bits_t: torch.Tensor) -> torch.Tensor:
@@ -220,19 +221,24 @@ def _half_grad(pt: torch.Tensor, dpt: torch.Tensor, a_half: torch.Tensor, bits_t
     return torch.mm(bits_t, w).t() - torch.sigmoid(a_half) * w.sum(0)[:, None]
 
 
-def pbar_backward(a: torch.Tensor, b1: int, chunk: int, g: torch.Tensor) -> torch.Tensor:
-    """grad w.r.t. a [N, B] of sum(g * P1^T P2) for g [2^B1, 2^B2]."""
+def pbar_backward(a: torch.Tensor, b1: int, chunk: int, g: torch.Tensor,
+                  pts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """grad w.r.t. a [N, B] of sum(g * P1^T P2) for g [2^B1, 2^B2]; ``pts``: the one chunk's
+    (P1^T, P2^T) from ``pbar_sum`` (the same values; else each chunk's are built again)."""
     n, bits = a.shape
     b2 = bits - b1
     bits1, bits2 = (bits_matrix(k, a.dtype, a.device).t().contiguous() for k in (b1, b2))
     grad = torch.empty_like(a)
     m0 = min(chunk, n)
-    buf1, buf2 = a.new_empty(1 << b1, m0), a.new_empty(1 << b2, m0)
+    buf1, buf2 = pts if pts is not None else (a.new_empty(1 << b1, m0), a.new_empty(1 << b2, m0))
     dbuf1, dbuf2 = a.new_empty(1 << b1, m0), a.new_empty(1 << b2, m0)
     for r in range(0, n, chunk):
         ac = a[r : r + chunk]
         m = ac.shape[0]
-        p1t, p2t = half_probs_t(ac[:, :b1], buf1[:, :m]), half_probs_t(ac[:, b1:], buf2[:, :m])
+        if pts is not None:
+            p1t, p2t = buf1, buf2
+        else:
+            p1t, p2t = half_probs_t(ac[:, :b1], buf1[:, :m]), half_probs_t(ac[:, b1:], buf2[:, :m])
         dp1t = torch.mm(g, p2t, out=dbuf1[:, :m])  # dP1^T = G P2^T
         dp2t = torch.mm(g.t(), p1t, out=dbuf2[:, :m])  # dP2^T = G^T P1^T
         grad[r : r + m, :b1] = _half_grad(p1t, dp1t, ac[:, :b1], bits1)
@@ -243,7 +249,8 @@ def pbar_backward(a: torch.Tensor, b1: int, chunk: int, g: torch.Tensor) -> torc
 class _CodebookEntropyTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b1, chunk, mode, dist_info, n_global):
-        pbar = _all_reduce_(pbar_sum(a.detach(), b1, chunk), dist_info).div_(n_global)
+        acc, ctx.pts = pbar_sum(a.detach(), b1, chunk)  # one chunk's P1^T, P2^T: at most 2^21 floats
+        pbar = _all_reduce_(acc, dist_info).div_(n_global)
         ctx.save_for_backward(a, pbar)
         ctx.b1, ctx.chunk, ctx.mode, ctx.n_global = b1, chunk, mode, n_global
         ctx.world = dist_info[1] if dist_info else 1
@@ -254,7 +261,9 @@ class _CodebookEntropyTorch(torch.autograd.Function):
         a, pbar = ctx.saved_tensors
         g = centered_entropy_grad(pbar, ctx.mode).mul_(gh * ctx.world / ctx.n_global)
         del pbar
-        return pbar_backward(a.detach(), ctx.b1, ctx.chunk, g), None, None, None, None, None
+        grad = pbar_backward(a.detach(), ctx.b1, ctx.chunk, g, ctx.pts)
+        ctx.pts = None
+        return grad, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
