@@ -6,6 +6,12 @@ writes the rows and the config.
 
     .venv/bin/python benchmarks/bench_lfq_entropy.py            # full grid
     .venv/bin/python benchmarks/bench_lfq_entropy.py --quick    # B in {10, 14, 18}, N = 16384
+    .venv/bin/python benchmarks/bench_lfq_entropy.py --threads 1 --bits 10,14,18 --tokens 1536 --extra '' \
+        --reps 21 --against HEAD~1    # before / after
+
+``--against REV`` times the op as of git revision REV (``vqtok.bench.revision``) beside the current
+one instead: their reps alternate in this process, and the table gives both medians and their
+ratio (no memory column, no peer).
 """
 
 from __future__ import annotations
@@ -13,10 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 
 import torch
 
-from vqtok.bench.entropy import EntropyBenchConfig, config_dict, run
+from vqtok.bench.entropy import EntropyBenchConfig, cases, config_dict, run
+from vqtok.bench.report import format_table
+from vqtok.bench.revision import against as load_against
+from vqtok.bench.revision import interleaved
+from vqtok.ops.lfq_entropy import lfq_entropy
 
 COLUMNS = [
     ("bits", "B"),
@@ -32,6 +43,8 @@ COLUMNS = [
 
 
 def table(rows: list[dict]) -> str:
+    if rows and "against" in rows[0]:
+        return table_against(rows)
     head = [name for _, name in COLUMNS] + ["note"]
     lines = []
     for r in rows:
@@ -43,7 +56,36 @@ def table(rows: list[dict]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines])
 
 
-def main(argv=None) -> None:
+def measure_against(bits: int, n: int, cfg: EntropyBenchConfig, against: tuple[str, object], seed: int = 0) -> dict:
+    """Median ms of one forward + backward of (per-sample - codebook) entropy on z [n, bits] ~ N(0, 1),
+    the current op and ``against`` = (revision, its ``vqtok.ops.lfq_entropy`` module) alternating."""
+    z = torch.randn(n, bits, generator=torch.Generator().manual_seed(seed)).to(cfg.device)
+
+    def step_of(op):
+        def step():
+            x = z.clone().requires_grad_()
+            per_sample, codebook = op(x, temperature=cfg.temperature)
+            (per_sample - codebook).backward()
+            if x.is_cuda:
+                torch.cuda.synchronize()
+        return step
+
+    fns = {"current": step_of(lfq_entropy), "against": step_of(against[1].lfq_entropy)}
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {k: [t * 1e3 for t in v] for k, v in interleaved(fns, cfg.reps).items()}
+    cur, old = statistics.median(times["current"]), statistics.median(times["against"])
+    return {"bits": bits, "tokens": n, "median_ms": cur, "against": against[0], "against_median_ms": old,
+            "ratio": cur / old, "reps": cfg.reps}
+
+
+def table_against(rows: list[dict]) -> str:
+    return format_table([{"B": r["bits"], "N": r["tokens"], "median ms": round(r["median_ms"], 2),
+                          f"{r['against']} ms": round(r["against_median_ms"], 2), "ratio": round(r["ratio"], 3)}
+                         for r in rows])
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small grid (B in {10, 14, 18}, N = 16384)")
     ap.add_argument("--no-peer", action="store_true", help="skip vector-quantize-pytorch")
@@ -54,6 +96,8 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", default=None, help="extra BxN cases, e.g. 24x16384,20x65536 ('' for none)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--against", default=None, metavar="REV",
+                    help="time the op as of this git revision beside the current one instead (ratio = current / REV)")
     ap.add_argument("--json", default=None, help="write rows + config to this file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -71,13 +115,15 @@ def main(argv=None) -> None:
     if args.extra is not None:
         changes["extra_cases"] = tuple(tuple(int(v) for v in c.split("x")) for c in args.extra.split(",") if c)
     cfg = dataclasses.replace(cfg, **changes)
-    rows = run(cfg=cfg)
+    against = load_against(args.against, "vqtok.ops.lfq_entropy", ap.error)
     print(f"lfq_entropy fwd+bwd, torch {torch.__version__}, {torch.get_num_threads()} threads, device {cfg.device}")
+    rows = [measure_against(b, n, cfg, against) for b, n in cases(cfg)] if against is not None else run(cfg=cfg)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": config_dict(cfg), "rows": rows}, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
