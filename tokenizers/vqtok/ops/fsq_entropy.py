@@ -136,8 +136,8 @@ class _DimProbs(torch.autograd.Function):
     With s_j = logit_j - max (kept levels; the max is a constant of the gradient), p_j = e^s_j / S
     and log p_j = s_j - log S:  dL/ds_k = kept_k (p_k (Gp_k - sum_j Gp_j p_j) + Gl_k) - p_k sum_j Gl_j
     for gradients Gp, Gl of p and log p; then dL/du = sum_k dL/ds_k * -2 (u - g_k) / tau and
-    dL/dh = dL/du * half_l * (1 - tanh^2). Autograd through the same dozen ops would record and
-    replay each of them, which at a training step's size costs more than the math."""
+    dL/dh = dL/du * half_l * (1 - tanh^2). Autograd through the 17 ops of the forward would record
+    and replay each of them, which at a training step's size costs more than the math."""
 
     @staticmethod
     def forward(ctx, h, levels, temperature):

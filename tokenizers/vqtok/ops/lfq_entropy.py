@@ -197,6 +197,7 @@ class _WithGrad(torch.autograd.Function):
 
 # --------------------------------------------------------------------------------------------
 # codebook entropy, torch path: chunked BLAS GEMMs, pbar held (2^B floats), P1/P2 recomputed
+# in the backward (kept from the forward when the tokens are one chunk)
 # --------------------------------------------------------------------------------------------
 def pbar_sum(a: torch.Tensor, b1: int, chunk: int):
     """(sum_n P1[n]^T P2[n] as [2^B1, 2^B2] (not divided by N), (P1^T, P2^T) when the tokens are one
