@@ -25,8 +25,8 @@ import statistics
 import torch
 
 from vqtok.bench.report import format_table
+from vqtok.bench.revision import add_against_option, against_cells, interleaved
 from vqtok.bench.revision import against as load_against
-from vqtok.bench.revision import interleaved
 from vqtok.metrics.codebook import CodebookHealth
 
 
@@ -68,8 +68,7 @@ def table(rows: list[dict]) -> str:
     return format_table([{"codes": f"2^{r['bits']}", "tokens": r["tokens"], "median us": round(r["median_us"]),
                           "min us": round(r["min_us"]), "max us": round(r["max_us"]),
                           "EMA ppl": round(r["ema_perplexity"], 1), "dead": r["dead_codes"],
-                          **({f"{r['against']} us": round(r["against_median_us"]), "ratio": round(r["ratio"], 3)}
-                             if "against" in r else {})} for r in rows])
+                          **against_cells(r, "us")} for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=32, help="updates per timing")
     ap.add_argument("--reps", type=int, default=9, help="timings per size (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--against", default=None, metavar="REV",
-                    help="also time the tracker as of this git revision, alternating with the current one in "
-                         "this process (ratio = current / REV median)")
+    add_against_option(ap, "the tracker")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
     try:

@@ -26,8 +26,8 @@ import statistics
 import torch
 
 from vqtok.bench.report import format_table
+from vqtok.bench.revision import add_against_option, against_cells, interleaved
 from vqtok.bench.revision import against as load_against
-from vqtok.bench.revision import interleaved
 from vqtok.ops.fsq_entropy import fsq_entropy
 
 # the quantizer study's FSQ levels at 2^10, 2^14 and 2^18 codes
@@ -73,9 +73,7 @@ def table(rows: list[dict]) -> str:
     return format_table([{"levels": ",".join(map(str, r["levels"])), "codes": r["codes"], "tokens": r["tokens"],
                           "median ms": round(r["median_ms"], 2), "min ms": round(r["min_ms"], 2),
                           "max ms": round(r["max_ms"], 2), "GFLOP": round(r["gflop"], 2),
-                          "GFLOP/s": round(r["gflops"], 1),
-                          **({f"{r['against']} ms": round(r["against_median_ms"], 2), "ratio": round(r["ratio"], 3)}
-                             if "against" in r else {})} for r in rows])
+                          "GFLOP/s": round(r["gflops"], 1), **against_cells(r, "ms", 2)} for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.5, help="tau of the soft assignment")
     ap.add_argument("--reps", type=int, default=9, help="timings per case (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--against", default=None, metavar="REV",
-                    help="also time the op as of this git revision, alternating with the current one in "
-                         "this process (ratio = current / REV median)")
+    add_against_option(ap, "the op")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
     try:

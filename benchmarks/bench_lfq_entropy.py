@@ -25,8 +25,8 @@ import torch
 
 from vqtok.bench.entropy import EntropyBenchConfig, cases, config_dict, run
 from vqtok.bench.report import format_table
+from vqtok.bench.revision import add_against_option, against_cells, interleaved
 from vqtok.bench.revision import against as load_against
-from vqtok.bench.revision import interleaved
 from vqtok.ops.lfq_entropy import lfq_entropy
 
 COLUMNS = [
@@ -81,8 +81,7 @@ def measure_against(bits: int, n: int, cfg: EntropyBenchConfig, against: tuple[s
 
 def table_against(rows: list[dict]) -> str:
     return format_table([{"B": r["bits"], "N": r["tokens"], "median ms": round(r["median_ms"], 2),
-                          f"{r['against']} ms": round(r["against_median_ms"], 2), "ratio": round(r["ratio"], 3)}
-                         for r in rows])
+                          **against_cells(r, "ms", 2)} for r in rows])
 
 
 def main(argv=None) -> int:
@@ -96,8 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", default=None, help="extra BxN cases, e.g. 24x16384,20x65536 ('' for none)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--against", default=None, metavar="REV",
-                    help="time the op as of this git revision beside the current one instead (ratio = current / REV)")
+    add_against_option(ap, "the op (instead of the suite: no memory column, no peer)")
     ap.add_argument("--json", default=None, help="write rows + config to this file")
     args = ap.parse_args(argv)
     if args.threads:

@@ -64,6 +64,21 @@ def against(revision: str | None, name: str, error: Callable[[str], object]) -> 
         raise
 
 
+def add_against_option(ap, what: str) -> None:
+    """The benchmarks' ``--against REV`` argument (``what``: the thing timed, e.g. "the op")."""
+    ap.add_argument("--against", default=None, metavar="REV",
+                    help=f"time {what} as of this git revision beside the current one, alternating in this "
+                         "process (ratio = current / REV median)")
+
+
+def against_cells(row: dict, unit: str, digits: int | None = None) -> dict:
+    """A result row's table cells for ``--against``: the revision's median (key
+    ``against_median_<unit>``, rounded to ``digits``) and the ratio; {} for a row without one."""
+    if "against" not in row:
+        return {}
+    return {f"{row['against']} {unit}": round(row[f"against_median_{unit}"], digits), "ratio": round(row["ratio"], 3)}
+
+
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
     """Seconds of each ``fns`` call, ``reps`` times each, the calls alternating within every rep
     (the order rotates from rep to rep, so neither version always runs first)."""
