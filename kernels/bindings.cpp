@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "vqtok/codebook_health.h"
 #include "vqtok/cpu_features.h"
 #include "vqtok/fsq_lfq.h"
 #include "vqtok/host_buffer.h"
@@ -82,9 +83,36 @@ void bind_nearest(py::module_& m) {
         "VQTOK_NEAREST_FAST=always forces it).");
 }
 
+// ---- codebook health -----------------------------------------------------------------------
+void bind_health(py::module_& m) {
+  m.def(
+      "health_step",
+      [](uintptr_t ema, uintptr_t hist, int64_t k, uintptr_t ids, int64_t n, uintptr_t counts, double decay,
+         float dead_threshold, int64_t moments_below) {
+        const std::string where = "vqtok._C.health_step: ";
+        VQTOK_CHECK(k >= 1, where + "k (codes) must be >= 1, got " + std::to_string(k));
+        VQTOK_CHECK(ema != 0 && hist != 0, where + "ema and hist pointers must be non-null");
+        VQTOK_CHECK(ids != 0 || counts != 0, where + "give ids or counts");
+        VQTOK_CHECK(ids == 0 || n >= 0, where + "n (ids) must be >= 0, got " + std::to_string(n));
+        VQTOK_CHECK(decay >= 0.0 && decay < 1.0, where + "decay must be in [0, 1)");
+        const vqtok::HealthStep st = vqtok::health_step(
+            reinterpret_cast<float*>(ema), reinterpret_cast<int64_t*>(hist), k,
+            reinterpret_cast<const int64_t*>(ids), n, reinterpret_cast<const int64_t*>(counts), decay,
+            dead_threshold, moments_below);
+        return py::make_tuple(st.distinct, st.total, st.batch_entropy, st.dead, st.moments, st.d_sum, st.d_xlogx);
+      },
+      py::arg("ema"), py::arg("hist"), py::arg("k"), py::arg("ids"), py::arg("n"), py::arg("counts"),
+      py::arg("decay"), py::arg("dead_threshold"), py::arg("moments_below"),
+      "One CodebookHealth update on raw pointers (data_ptr()): ema (k float32) and hist (k int64) "
+      "in place, from ids (n int64 in [0, k), counted here) or, with ids=0, dense counts (k int64). "
+      "Returns (distinct codes, total ids, batch entropy in nats, dead codes after the update, "
+      "whether the moment changes were taken, their change of sum w, of sum w log w); see "
+      "kernels/include/vqtok/codebook_health.h.");
+}
+
 #undef VQTOK_CHECK
 }  // namespace
-// ---- end nearest-code search ---------------------------------------------------------------
+// ---- end nearest-code search and codebook health ------------------------------------------
 
 // ---- FSQ / LFQ -----------------------------------------------------------------------------
 namespace {
@@ -379,6 +407,7 @@ PYBIND11_MODULE(_C, m) {
         "SIMD level the kernels use now (VQTOK_ISA may lower it).");
   bind_nearest(m);
   bind_fsq_lfq(m);
+  bind_health(m);
   py::class_<vqtok::HostBuffer>(m, "HostBuffer", py::buffer_protocol(),
                                 "Writable host buffer of `nbytes` bytes, 2 MiB aligned and marked "
                                 "MADV_HUGEPAGE (wrap it with torch.frombuffer). Freed with its last reference "

@@ -241,3 +241,44 @@ def test_health_bench_script(tmp_path, capsys):
     assert "2^12" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main(["--bits", "30"])
+
+
+@pytest.mark.skipif(not __import__("vqtok.ops._native", fromlist=["x"]).health_available(),
+                    reason="vqtok._C with the health kernel is not built")
+@pytest.mark.parametrize("k,n", [(1, 5), (7, 40), (1000, 1536), (1 << 14, 700), (1 << 18, 1536)])
+def test_native_update_matches_the_torch_path(k, n, monkeypatch):
+    """On CPU an update is one call into the extension: the same histogram and EMA bits as the
+    torch path (``native = False``), the same dead codes, batch usage and moment carrying, and
+    the perplexities to fp32 rounding, through sparse and dense updates, empty batches and
+    dropped-layer ids."""
+    from vqtok.ops import _native
+
+    calls = []
+    real = _native.health_step
+    monkeypatch.setattr(_native, "health_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(k)
+    fast, ref = CodebookHealth(k, decay=0.9), CodebookHealth(k, decay=0.9)
+    ref.native = False
+    expected = 0
+    for step in range(40):
+        hot = int(torch.randint(0, k, (), generator=g))
+        idx = (torch.randint(0, max(1, k // 16), (n,), generator=g) + hot) % k
+        idx[: n // 10] = -1  # dropped-layer ids
+        if step == 5:
+            idx = idx[:0]
+        expected += step % 3 == 2 or bool((idx >= 0).any())  # an empty batch's ids skip the call
+        if step % 3 == 2:
+            counts = torch.bincount(idx[idx >= 0], minlength=k)
+            s, r = fast.update_counts(counts), ref.update_counts(counts)
+        else:
+            s, r = fast.update(idx), ref.update(idx)
+        assert torch.equal(fast.histogram, ref.histogram) and int(fast.steps) == int(ref.steps)
+        assert torch.equal(fast.ema_probs, ref.ema_probs), step
+        assert fast._moments_age == ref._moments_age
+        assert s.keys() == r.keys()
+        for key in ("dead_codes", "ema_usage", "collapse", "usage"):
+            assert torch.equal(s[key], r[key]), key
+        for key in ("perplexity", "ema_perplexity"):
+            torch.testing.assert_close(s[key], r[key], rtol=2e-6, atol=0, msg=key)
+        assert s["dead_codes"].dtype == torch.int64
+    assert len(calls) == expected  # every update but the empty id batch ran in the extension

@@ -357,6 +357,64 @@ def test_kmeans_recovers_separated_clusters():
         kmeans(x, 8, init="bogus")
 
 
+# sizes where the cpp backend's certified fast search engages (K * Dc^2 >= 2^19) on AMX CPUs
+SEARCH_CASES = {
+    "vq-kmeans-restart": ("vq", dict(dim=16, codebook_size=8192, kmeans_init=True, kmeans_iters=2,
+                                     dead_code_threshold=0.5)),
+    "vq-cos-lowdim-nearest": ("vq", dict(dim=24, codebook_size=4096, codebook_dim=16, metric="cosine",
+                                         kmeans_init=True, kmeans_iters=1, dead_code_threshold=0.5,
+                                         restart="nearest")),
+    "vq-grad": ("vq", dict(dim=16, codebook_size=4096, learning="grad")),
+    "rvq": ("rvq", dict(dim=16, codebook_size=4096, num_quantizers=2, kmeans_init=True, kmeans_iters=1)),
+    "simvq": ("simvq", dict(dim=16, codebook_size=8192)),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SEARCH_CASES))
+def test_search_precision_reaches_every_search_and_trains_bit_for_bit(key, monkeypatch):
+    """``search_precision`` goes to every nearest_code call (search, k-means, nearest restarts),
+    and "fast" trains to the same bits as "exact": indices, outputs, losses and state."""
+    import sys
+
+    seen = []
+
+    def spy(real):
+        def wrapped(*args, precision="exact", **kw):
+            seen.append(precision)
+            return real(*args, precision=precision, **kw)
+        return wrapped
+
+    for name in ("vq", "kmeans", "simvq"):  # the modules (the package exports a function kmeans)
+        mod = sys.modules[f"vqtok.quantizers.{name}"]
+        monkeypatch.setattr(mod, "nearest_code", spy(mod.nearest_code))
+    name, cfg = SEARCH_CASES[key]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2048, cfg["dim"], generator=g) * (1 + i) for i in range(4)]
+    runs = {}
+    for precision in ("exact", "fast"):
+        torch.manual_seed(0)
+        m = build_quantizer(name, search_precision=precision, **cfg).train()
+        seen.clear()
+        outs = []
+        for z in batches:
+            z = z.clone().requires_grad_()
+            out = m(z)
+            (out.quantized.square().sum() + out.loss).backward()
+            outs.append((out.indices, out.quantized.detach(), out.loss.detach(), z.grad))
+        outs.append(m.eval().encode(batches[0]))
+        assert seen and set(seen) == {precision}, seen
+        runs[precision] = outs, m.state_dict()
+    (exact, exact_state), (fast, fast_state) = runs["exact"], runs["fast"]
+    for a, b in zip(exact, fast):
+        for x, y in zip(*((a, b) if isinstance(a, tuple) else ((a,), (b,)))):
+            assert torch.equal(x, y)
+    assert exact_state.keys() == fast_state.keys()
+    for k in exact_state:
+        assert torch.equal(exact_state[k], fast_state[k]), k
+    with pytest.raises(ValueError, match="search_precision must be one of"):
+        build_quantizer(name, search_precision="half", **cfg)
+
+
 # --------------------------------------------------------------------------------------------
 # AMP, torch.compile, state_dict
 # --------------------------------------------------------------------------------------------

@@ -280,3 +280,27 @@ if _C is not None and getattr(_C, "with_cuda", False) and hasattr(_C, "cuda_near
             _C.cuda_lfq_forward(zf.data_ptr(), m, bits, codes.data_ptr(), idx.data_ptr(), idx.dtype == torch.int64,
                                 _stream(zf))
         return codes, idx
+
+
+def health_step(ema, hist, *, ids=None, counts=None, decay: float, dead_threshold: float, moments_below: int):
+    """One ``CodebookHealth`` update in the extension (``kernels/cpu/codebook_health.cpp``; check
+    ``health_available()`` first): ema [K] float32 and hist [K] int64, contiguous CPU tensors,
+    updated in place from ``ids`` (int64, each in [0, K)) or dense ``counts`` [K] int64. Returns
+    (distinct, total, batch entropy, dead, moments taken, d sum w, d sum w log w)."""
+    import torch
+
+    k = ema.numel()
+    if ids is not None:
+        if not ids.numel():
+            return 0, 0, 0.0, 0, False, 0.0, 0.0
+        ids = ids.to(torch.int64).contiguous()
+        return _C.health_step(ema.data_ptr(), hist.data_ptr(), k, ids.data_ptr(), ids.numel(), 0, decay,
+                              dead_threshold, moments_below)
+    counts = counts.to(torch.int64).contiguous()
+    return _C.health_step(ema.data_ptr(), hist.data_ptr(), k, 0, 0, counts.data_ptr(), decay, dead_threshold,
+                          moments_below)
+
+
+def health_available() -> bool:
+    """Whether the extension has the codebook-health kernel (``health_step``)."""
+    return _C is not None and hasattr(_C, "health_step")

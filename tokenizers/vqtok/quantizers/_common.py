@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 ESTIMATORS = ("ste", "rotation")
+# nearest_code precisions: the same indices either way ("fast" scores with AMX-BF16 where the CPU has it)
+SEARCH_PRECISIONS = ("exact", "fast")
 
 
 # --------------------------------------------------------------------------------------------

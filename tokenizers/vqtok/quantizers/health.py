@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqtok.ops import _native
+
 from ._common import all_reduce_sum_, is_distributed, keep_fp32
 
 MAX_TRACKED_CODES = 1 << 24  # the histogram costs 16 bytes per code
@@ -133,12 +135,16 @@ class CodebookHealth(nn.Module):
     def update(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Count ``indices`` (all-reduced over ranks), update the running state, return stats.
 
-        In a single process (or with ``sync=False``) a batch of fewer than K / 8 ids is counted
+        On CPU the whole update is one call into the extension (``_native_step``). Otherwise, in a
+        single process (or with ``sync=False``) a batch of fewer than K / 8 ids is counted
         sparsely, as its distinct ids and their counts: the histogram and EMA updates then touch
         only those codes besides the EMA's decay, so a step costs a few passes over K floats."""
         flat = self._valid_ids(indices)
-        if (self.sync and is_distributed()) or self.codebook_size <= 8 * flat.numel():
-            # dense counts: the collective needs them, and a small codebook's bincount beats a sort
+        if self.sync and is_distributed():  # the collective needs dense counts
+            return self.update_counts(torch.bincount(flat, minlength=self.codebook_size), reduced=False)
+        if flat.numel() and self._native_ok():
+            return self._native_step(ids=flat)
+        if self.codebook_size <= 8 * flat.numel():  # a small codebook's bincount beats a sort
             return self.update_counts(torch.bincount(flat, minlength=self.codebook_size), reduced=False)
         ids, counts = torch.unique(flat, return_counts=True)
         return self._step(ids, counts)
@@ -151,8 +157,46 @@ class CodebookHealth(nn.Module):
         counts = counts.to(device=self.histogram.device, dtype=torch.int64)
         if self.sync and not reduced and is_distributed():
             counts = all_reduce_sum_(counts.clone())
+        if self._native_ok():
+            return self._native_step(counts=counts)
         ids = torch.nonzero(counts).reshape(-1)
         return self._step(ids, counts[ids])
+
+    # the torch path (``_step``) instead of the extension's kernel, e.g. to compare the two
+    native = True
+
+    def _native_ok(self) -> bool:
+        """Whether ``_native_step`` can run: CPU state in the tracker's own dtypes, and the kernel
+        (not under torch.compile, which traces the torch path as ops)."""
+        ema, hist = self.ema_probs, self.histogram
+        return (self.native and _native.health_available() and not torch.compiler.is_compiling()
+                and ema.device.type == "cpu"
+                and hist.device.type == "cpu" and ema.dtype == torch.float32 and hist.dtype == torch.int64
+                and ema.is_contiguous() and hist.is_contiguous())
+
+    def _native_step(self, *, ids: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> dict:
+        """``_step``'s update and stats in one call into the extension (``kernels/cpu/
+        codebook_health.cpp``) from the batch's ids (any order, each in [0, K)) or dense int64
+        counts [K]: one pass over K (decay, denormal flush, dead count) plus one over the batch. The
+        EMA moments are carried as in ``_step``."""
+        d = self.decay
+        moments = self._current_moments() if self._moments_age < MOMENTS_RESUM_STEPS else None
+        steps = int(self.steps) + 1  # the dead threshold after this update
+        threshold = self.dead_ratio / self.codebook_size * (1.0 - d**steps)
+        distinct, total, batch_entropy, dead, took, d_sum, d_xlogx = _native.health_step(
+            self.ema_probs, self.histogram, ids=ids, counts=counts, decay=d, dead_threshold=threshold,
+            moments_below=MOMENTS_CARRY_RATIO if moments is not None else 0)
+        if total <= 0:
+            return self._stats(torch.zeros(0, dtype=torch.int64))
+        torch.autograd.graph.increment_version(self.ema_probs)  # changed through their pointers
+        torch.autograd.graph.increment_version(self.histogram)
+        self.steps.add_(1)
+        if took:
+            s, e = moments
+            d_log_d = d * math.log(d) if d > 0 else 0.0
+            self._set_moments((d * s + d_sum, d * e + d_log_d * s + d_xlogx), self._moments_age + 1)
+        batch = (distinct / self.codebook_size, math.exp(batch_entropy))
+        return self._stats(None, dead=dead, batch=batch)
 
     def _step(self, ids: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         """The running state's update from the batch's used (distinct) ``ids`` and their ``counts``
@@ -175,7 +219,7 @@ class CodebookHealth(nn.Module):
             F.threshold_(ema, torch.finfo(ema.dtype).tiny, 0.0)
             before = ema[ids].to(torch.float64) if moments is not None else None
             ema.index_add_(0, ids, share, alpha=(1.0 - d) / total)
-            self.steps += 1
+            self.steps.add_(1)
             if moments is not None:
                 after = ema[ids].to(torch.float64)
                 s, e = moments
@@ -197,15 +241,15 @@ class CodebookHealth(nn.Module):
         ema = self.ema_probs
         self._moments, self._moments_key, self._moments_age = moments, (id(ema), ema.data_ptr(), ema._version), age
 
-    def _ema_entropy(self) -> torch.Tensor:
-        """Entropy (nats, float64 scalar) of the EMA usage distribution: from the carried moments,
-        or summed from the buffer (every ``MOMENTS_RESUM_STEPS`` updates, and after anything
-        else changed it), as ``entropy_of_weights``."""
+    def _ema_entropy(self) -> float:
+        """Entropy (nats) of the EMA usage distribution: from the carried moments, or summed from
+        the buffer (every ``MOMENTS_RESUM_STEPS`` updates, and after anything else changed it), as
+        ``entropy_of_weights``."""
         moments = self._current_moments()
         if moments is None:
             moments = weight_moments(self.ema_probs)
             self._set_moments(moments, 0)
-        return torch.tensor(entropy_of_moments(*moments), dtype=torch.float64)
+        return entropy_of_moments(*moments)
 
     # ----------------------------------------------------------------------------------------
     def corrected_probs(self) -> torch.Tensor:
@@ -243,26 +287,31 @@ class CodebookHealth(nn.Module):
         counts = counts.reshape(-1)
         return self._stats(counts[counts > 0])
 
-    def _stats(self, used: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """``stats`` from the batch's nonzero counts ``used`` (any order; None: no batch). The EMA
-        perplexity is that of the raw EMA (the bias correction is a scale, which leaves it unchanged)."""
+    def _stats(self, used: torch.Tensor | None, dead: int | None = None,
+               batch: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+        """``stats`` from the batch's nonzero counts ``used`` (any order; None: no batch), or from
+        its (usage, perplexity) ``batch``; ``dead``: the dead-code count when already taken. The
+        EMA perplexity is that of the raw EMA (the bias correction is a scale, which leaves it
+        unchanged). The numbers are Python floats until one tensor holds them all (a tensor op
+        per number cost more than the update itself at small K)."""
         k = self.codebook_size
         dev = self.histogram.device
         steps = int(self.steps)
-        dead = self.dead_count()
-        ema_ppl = torch.exp(self._ema_entropy()).to(torch.float32) if steps else torch.tensor(0.0)
-        alive = 1.0 - dead.to(torch.float32) / k
-        collapse = (alive < self.min_usage) | (ema_ppl.to(dev) < self.min_perplexity * k)
-        out = {
-            "dead_codes": dead,
-            "ema_usage": alive,
-            "ema_perplexity": ema_ppl.to(dev),
-            "collapse": collapse.to(torch.float32) if steps else torch.zeros((), device=dev),
-            "histogram": self.histogram.detach(),
-        }
-        if used is not None:
-            out["usage"] = torch.tensor(used.numel() / k, dtype=torch.float32, device=dev)
-            out["perplexity"] = perplexity_of(used).to(torch.float32)
+        dead = int(self.dead_count()) if dead is None else int(dead)
+        ema_ppl = math.exp(self._ema_entropy()) if steps else 0.0
+        alive = 1.0 - dead / k
+        collapse = steps > 0 and (alive < self.min_usage or ema_ppl < self.min_perplexity * k)
+        names, values = ["ema_usage", "ema_perplexity", "collapse"], [alive, ema_ppl, float(collapse)]
+        if batch is None and used is not None:
+            batch = (used.numel() / k, float(perplexity_of(used)))
+        if batch is not None:
+            names += ["usage", "perplexity"]
+            values += list(batch)
+        floats = dict(zip(names, torch.tensor(values, dtype=torch.float32, device=dev).unbind()))
+        out = {"dead_codes": torch.tensor(dead, dtype=torch.int64, device=dev)}
+        out.update((name, floats.pop(name)) for name in ("ema_usage", "ema_perplexity", "collapse"))
+        out["histogram"] = self.histogram.detach()
+        out.update(floats)  # the batch's usage and perplexity
         return out
 
     def summary(self) -> dict[str, float]:

@@ -33,8 +33,10 @@ def kmeans_plusplus(
     generator: torch.Generator | None = None,
     backend: str = "auto",
     metric: str = "l2",
+    precision: str = "exact",
 ) -> torch.Tensor:
-    """D^2 seeding in ``rounds`` blocks. x [N, D] float32 -> centres [k, D]."""
+    """D^2 seeding in ``rounds`` blocks. x [N, D] float32 -> centres [k, D]. ``precision`` is
+    ``nearest_code``'s (the same answer either way)."""
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     n = x.shape[0]
     if n <= k:  # every point is a centre; the rest are sampled with replacement
@@ -43,7 +45,7 @@ def kmeans_plusplus(
     rounds = max(1, min(rounds, k))
     first = _sample_rows(n, 1, g).to(x.device)
     centres = [x[first]]
-    dist = nearest_code(x, centres[0], metric=metric, backend=backend)[1]
+    dist = nearest_code(x, centres[0], metric=metric, backend=backend, precision=precision)[1]
     chosen = 1
     per_round = -(-(k - 1) // rounds)
     while chosen < k:
@@ -55,7 +57,7 @@ def kmeans_plusplus(
         block = x[pick]
         centres.append(block)
         chosen += m
-        _, d_new = nearest_code(x, block, metric=metric, backend=backend)
+        _, d_new = nearest_code(x, block, metric=metric, backend=backend, precision=precision)
         dist = torch.minimum(dist, d_new.to(dist.dtype))
     return torch.cat(centres, 0)
 
@@ -72,11 +74,13 @@ def kmeans(
     backend: str = "auto",
     metric: str = "l2",
     progress: bool = False,
+    precision: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means. x [N, D] -> (centres float32 [k, D], counts float32 [k] of the last assignment).
 
     init: "kmeans++" (batched D^2 seeding) or "random" (k distinct rows, with replacement if N < k).
     metric: "l2", or "cosine" (spherical k-means: centres are renormalised means).
+    precision: ``nearest_code``'s, "exact" or "fast" (the same assignments; a speed knob).
     """
     if init not in ("kmeans++", "random"):
         raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
@@ -89,12 +93,13 @@ def kmeans(
     if metric == "cosine":
         x = torch.nn.functional.normalize(x, dim=1)
     if init == "kmeans++":
-        centres = kmeans_plusplus(x, k, rounds=rounds, generator=g, backend=backend, metric=metric)
+        centres = kmeans_plusplus(x, k, rounds=rounds, generator=g, backend=backend, metric=metric,
+                                  precision=precision)
     else:
         centres = x[_sample_rows(x.shape[0], k, g).to(x.device)].clone()
     counts = torch.zeros(k, dtype=torch.float32, device=x.device)
     for _ in tqdm(range(iters), desc="k-means", disable=not progress, leave=False):
-        idx, dist = nearest_code(x, centres, metric=metric, backend=backend)
+        idx, dist = nearest_code(x, centres, metric=metric, backend=backend, precision=precision)
         counts = torch.bincount(idx, minlength=k).to(torch.float32)
         sums = torch.zeros_like(centres).index_add_(0, idx, x)
         empty = counts == 0
@@ -107,6 +112,6 @@ def kmeans(
         if metric == "cosine":
             centres = torch.nn.functional.normalize(centres, dim=1)
     if iters == 0:
-        idx, _ = nearest_code(x, centres, metric=metric, backend=backend)
+        idx, _ = nearest_code(x, centres, metric=metric, backend=backend, precision=precision)
         counts = torch.bincount(idx, minlength=k).to(torch.float32)
     return centres, counts

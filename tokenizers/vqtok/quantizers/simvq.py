@@ -23,7 +23,8 @@ from .health import make_health, track
 
 class SimVQ(Quantizer):
     """Args: dim (D), codebook_size (K), beta (commitment weight), estimator ("ste"|"rotation"),
-    backend (nearest_code backend), health (CodebookHealth kwargs), seed (of the frozen basis),
+    backend (nearest_code backend), search_precision (nearest_code's: "exact", the default, or
+    "fast"; the same indices, see VectorQuantizer), health (CodebookHealth kwargs), seed (of the frozen basis),
     init_std (std of the frozen basis entries; default D^-0.5, unit-norm codes as in the paper;
     1.0 matches latents standardised per channel)."""
 
@@ -35,6 +36,7 @@ class SimVQ(Quantizer):
         beta: float = 0.25,
         estimator: str = "ste",
         backend: str = "auto",
+        search_precision: str = "exact",
         health: dict | None = None,
         seed: int = 0,
         init_std: float | None = None,
@@ -43,7 +45,9 @@ class SimVQ(Quantizer):
         self.dim = C.check_positive_int("dim", dim)
         self.codebook_size = C.check_positive_int("codebook_size", codebook_size)
         C.check_choice("estimator", estimator, C.ESTIMATORS)
+        C.check_choice("search_precision", search_precision, C.SEARCH_PRECISIONS)
         self.beta, self.estimator, self.backend = float(beta), estimator, backend
+        self.search_precision = search_precision
         std = dim**-0.5 if init_std is None else float(init_std)
         if not std > 0 or std == float("inf"):
             raise ValueError(f"init_std must be a positive finite number, got {init_std!r}")
@@ -62,7 +66,7 @@ class SimVQ(Quantizer):
         with C.fp32_region(z.device):
             h = x.to(torch.float32)
             cb = self.codes()
-            idx, _ = nearest_code(h.detach(), cb.detach(), backend=self.backend)
+            idx, _ = nearest_code(h.detach(), cb.detach(), backend=self.backend, precision=self.search_precision)
             q = F.embedding(idx, cb)
             if h.numel():
                 loss = F.mse_loss(q, h.detach()) + self.beta * F.mse_loss(h, q.detach())
@@ -76,7 +80,8 @@ class SimVQ(Quantizer):
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         x, layout = C.flatten_tokens(z, self.dim)
         with C.fp32_region(z.device):
-            idx, _ = nearest_code(x.to(torch.float32), self.codes(), backend=self.backend)
+            idx, _ = nearest_code(x.to(torch.float32), self.codes(), backend=self.backend,
+                                  precision=self.search_precision)
         return layout.indices(idx)
 
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
