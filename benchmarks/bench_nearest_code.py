@@ -6,6 +6,7 @@ with the exact answer and peak extra memory. Prints a table; --json writes rows 
     .venv/bin/python benchmarks/bench_nearest_code.py             # N=16384, D {8,16,32,256}, K {1024,16384,65536} (+262144 fused)
     .venv/bin/python benchmarks/bench_nearest_code.py --quick     # tiny grid, < 30 s (make demo)
     .venv/bin/python benchmarks/bench_nearest_code.py --backends cpp,cpp_fast,faiss --json out.json
+    .venv/bin/python benchmarks/bench_nearest_code.py --backends cpp,cpp_fast --data lowrank   # clustered inputs
 """
 
 from vqtok.bench.nearest import main

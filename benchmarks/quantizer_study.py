@@ -25,7 +25,8 @@ rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put b
 per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
 code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.6; 1.0:
 to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
-trick, vqtok's VQ rows the estimator ``vq_estimator`` and restarts ``vq_restart``. Each vqtok
+trick, vqtok's VQ rows the estimator ``vq_estimator`` and restarts ``vq_restart`` (and
+``vq_search``, the search precision of the VQ / RVQ / SimVQ rows: a speed knob). Each vqtok
 row's ``setup`` (the build_quantizer arguments: restarts, entropy terms) is in the JSON. ``--set
 KEY=VALUE`` overrides any ``StudyConfig`` field.
 
@@ -96,6 +97,7 @@ class StudyConfig:
     restart_stop: float = 0.6  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
     vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
     vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
+    vq_search: str = "exact"  # the vqtok VQ / RVQ / SimVQ rows' search_precision (the same indices either way)
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
@@ -451,17 +453,20 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
     for b in cfg.sizes:
         k, kr = 2**b, 2 ** (b // 2)
         where = dict(restart=cfg.vq_restart) if cfg.vq_restart != "random" else {}
+        search = dict(search_precision=cfg.vq_search) if cfg.vq_search != "exact" else {}
+        where.update(search)
         restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k),
                        estimator=cfg.vq_estimator, **where)
         rows += [
-            _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad"),
+            _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad", **search),
             _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart),
             _vqtok_row("vq-l2norm-dim8", b, "vq", cfg, k, codebook_size=k, codebook_dim=8, metric="cosine",
                        **restart),
             _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
                        kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator,
                        **where),
-            _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std, beta=cfg.simvq_beta),
+            _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std, beta=cfg.simvq_beta,
+                       **search),
             _vqtok_row("bsq", b, "bsq", cfg, min_latent=b, bits=b, **BSQ_ENTROPY),
         ]
     for b in (*cfg.sizes, *cfg.big_sizes):

@@ -1,6 +1,7 @@
 """`vqtok bench`: the CLI writes a table, JSON with machine info and a PNG; the registry tolerates
 missing suites; derived fractions and the plot use real measurements."""
 
+import dataclasses
 import json
 import time
 
@@ -107,6 +108,23 @@ def test_nearest_suite_rows_and_failed_baseline(monkeypatch):
             assert "ms" not in r and r["note"].startswith("failed: RuntimeError")
         else:
             assert r["ms"] > 0 and r["agree"] == 1.0 and r["gflops"] >= 0  # tiny shapes round to 0.0
+
+
+@pytest.mark.skipif(unavailable_reason("cpp") is not None, reason="cpp backend not built")
+def test_nearest_suite_lowrank_data():
+    """--data lowrank: rows and codes from one rank-4 subspace (plus 1% noise); every backend
+    still returns the exact answer."""
+    from vqtok.bench import nearest
+
+    cfg = nearest.NearestBenchConfig(n=512, dims=(16,), codes=(4096,), fused_codes=(), reps=1, memory=False,
+                                     backends=("cpp", "cpp_fast", "torch_addmm"), data="lowrank")
+    x, c = nearest._data(cfg, 16, 4096)
+    s = torch.linalg.svdvals(torch.cat([x, c]))
+    assert float(s[nearest.LOWRANK] / s[0]) < 0.05 and float(s[nearest.LOWRANK - 1] / s[0]) > 0.2
+    rows = nearest.run(cfg=cfg, progress=False)
+    assert [r["agree"] for r in rows] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="data must be one of"):
+        nearest._data(dataclasses.replace(cfg, data="uniform"), 16, 64)
 
 
 def test_nearest_suite_peak_fraction_from_the_given_peak():

@@ -346,6 +346,13 @@ def test_set_overrides_config_fields(qs):
     with pytest.raises(ValueError, match="lfq_entropy_big"):
         qs.lfq_entropy(qs.override(qs.FULL, ["lfq_entropy_big=0.2"]), 18)
     assert qs.override(qs.FULL, ["big_sizes="]).big_sizes == ()
+    # the search precision of the nearest-code rows (a speed knob): recorded and built only where set
+    fast = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_search=fast"]))}
+    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim8", "rvq-2x", "simvq"):
+        assert fast[fam, 10].setup["search_precision"] == "fast", fam
+        q = fast[fam, 10].build(qs.QUICK)
+        assert all(m.search_precision == "fast" for m in q.modules() if hasattr(m, "search_precision"))
+    assert all("search_precision" not in r.setup for r in qs.vqtok_rows(qs.QUICK))
     for bad, match in (("nope=1", "KEY=VALUE"), ("seed", "KEY=VALUE"), ("steps=many", "int"),
                        ("held_in_usage=maybe", "bool")):
         with pytest.raises(ValueError, match=match):
