@@ -79,7 +79,12 @@ class CodebookHealth(nn.Module):
         min_usage: collapse fires when the alive fraction of codes falls below this.
         min_perplexity: collapse fires when EMA perplexity < min_perplexity * K.
         sync: all-reduce counts across ranks when torch.distributed is initialised.
+
+    ``native = False`` (on the class or an instance) runs the torch path on CPU too, e.g. to
+    compare it with the extension's kernel.
     """
+
+    native = True
 
     def __init__(
         self,
@@ -161,9 +166,6 @@ class CodebookHealth(nn.Module):
             return self._native_step(counts=counts)
         ids = torch.nonzero(counts).reshape(-1)
         return self._step(ids, counts[ids])
-
-    # the torch path (``_step``) instead of the extension's kernel, e.g. to compare the two
-    native = True
 
     def _native_ok(self) -> bool:
         """Whether ``_native_step`` can run: CPU state in the tracker's own dtypes, and the kernel
