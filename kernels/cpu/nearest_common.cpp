@@ -88,38 +88,52 @@ T* grow_aligned64(std::vector<T>& v, int64_t count) {
   return reinterpret_cast<T*>((p + 63) & ~uintptr_t{63});
 }
 
-struct CodebookStats {
-  double norm2_max = 0, abs_max = 0, norm_max = 0;
-};
-
-// |c_k|^2 (double, rounded to fp32) and the maxima the certificate needs.
-CodebookStats codebook_norms(const void* cb, DType t, int64_t k, int64_t d, float* norms) {
-  double n2max = 0, amax = 0;
-#pragma omp parallel if (k * d > (int64_t{1} << 18)) reduction(max : n2max, amax)
-  {
-    std::vector<float> row(static_cast<size_t>(d));
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < k; ++i) {
-      to_float(cb, t, i * d, d, row.data());
-      double s = 0, m = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        s += static_cast<double>(row[j]) * row[j];
-        m = std::max(m, static_cast<double>(std::fabs(row[j])));
-      }
-      norms[i] = static_cast<float>(s);
-      n2max = std::max(n2max, s);
-      amax = std::max(amax, m);
-    }
-  }
-  return {n2max, amax, std::sqrt(n2max)};
-}
-
 // Row i of a dtype array as fp32: a pointer into the array itself for float32, else converted into tmp.
 inline const float* row_f32(const void* p, DType t, int64_t i, int64_t d, float* tmp) {
   if (t == DType::F32) return static_cast<const float*>(p) + i * d;
   to_float(p, t, i * d, d, tmp);
   return tmp;
 }
+
+struct CodebookStats {
+  double norm2_max = 0, abs_max = 0, norm_max = 0;
+};
+
+// |c_k|^2 (double, rounded to fp32) and the maxima the certificate needs. The sum runs in four
+// independent chains (j mod 4), so a code costs the adds' throughput rather than d times their
+// latency; any order of a d-term double sum rounds to the same fp32 norm but in rare near-halfway
+// cases, and the certificate bounds the scores' rounding whatever the norm's last bit.
+CodebookStats codebook_norms(const void* cb, DType t, int64_t k, int64_t d, float* norms) {
+  double n2max = 0, amax = 0;
+#pragma omp parallel if (k * d > (int64_t{1} << 16)) reduction(max : n2max, amax)
+  {
+    std::vector<float> tmp(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < k; ++i) {
+      const float* row = row_f32(cb, t, i, d, tmp.data());
+      double s[4] = {0, 0, 0, 0};
+      float mq[4] = {0, 0, 0, 0};
+      int64_t j = 0;
+      for (; j + 4 <= d; j += 4)
+        for (int q = 0; q < 4; ++q) {
+          s[q] += static_cast<double>(row[j + q]) * row[j + q];
+          mq[q] = std::max(mq[q], std::fabs(row[j + q]));
+        }
+      double tail = 0;
+      float m = std::max(std::max(mq[0], mq[1]), std::max(mq[2], mq[3]));
+      for (; j < d; ++j) {
+        tail += static_cast<double>(row[j]) * row[j];
+        m = std::max(m, std::fabs(row[j]));
+      }
+      const double n2 = ((s[0] + s[1]) + (s[2] + s[3])) + tail;
+      norms[i] = static_cast<float>(n2);
+      n2max = std::max(n2max, n2);
+      amax = std::max(amax, static_cast<double>(m));
+    }
+  }
+  return {n2max, amax, std::sqrt(n2max)};
+}
+
 
 // sum_j (x_j - c_j)^2 in double: sixteen partial sums s_i over j = i mod 16 (independent chains,
 // so the loop runs at the adds' throughput, not their latency; a last half step of 8 goes into
@@ -345,24 +359,28 @@ struct Search {
   int64_t chunks_in(int64_t c0) const { return (std::min(kp, k - c0) + cw - 1) / cw; }
 
   // Packs codes [c0, c0 + chunks*cw) as -2*c in [chunk][d][cw] order. Call inside a parallel
-  // region (work-shared loop, implicit barrier at the end). crow: d floats of scratch.
+  // region (work-shared loop, implicit barrier at the end). crow: width * d floats of scratch.
+  // Each group of `width` codes is written one feature at a time, a contiguous run of `width`
+  // floats, from its rows (read in place for float32): writing one code at a time instead strides
+  // every store across the chunk's d lines.
   void pack(int64_t c0, float* crow) {
     const int64_t nch = chunks_in(c0), w = kern.width, groups = nch * kern.nrv;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t q = g / kern.nrv, lane0 = (g % kern.nrv) * w;
       float* dst = panel + q * d * cw + lane0;
-      for (int64_t l = 0; l < w; ++l) {
-        const int64_t code = c0 + g * w + l;
-        if (code < k) {
-          to_float(cb, dtype, code * d, d, crow);
-          for (int64_t j = 0; j < d; ++j) dst[j * cw + l] = -2.0f * crow[j];
-          pnorm[g * w + l] = cnorm[code];
-        } else {
-          for (int64_t j = 0; j < d; ++j) dst[j * cw + l] = 0.0f;
-          pnorm[g * w + l] = kInf;
-        }
+      const int64_t first = c0 + g * w, valid = std::max<int64_t>(0, std::min(w, k - first));
+      const float* rows = crow;
+      if (dtype == DType::F32)
+        rows = static_cast<const float*>(cb) + first * d;
+      else if (valid > 0)
+        to_float(cb, dtype, first * d, valid * d, crow);
+      for (int64_t j = 0; j < d; ++j) {
+        float* out = dst + j * cw;
+        for (int64_t l = 0; l < valid; ++l) out[l] = -2.0f * rows[l * d + j];
+        for (int64_t l = valid; l < w; ++l) out[l] = 0.0f;
       }
+      for (int64_t l = 0; l < w; ++l) pnorm[g * w + l] = l < valid ? cnorm[first + l] : kInf;
     }
   }
 
@@ -449,7 +467,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
 #pragma omp parallel if (parallel) reduction(+ : exact_rows)
   {
     std::vector<float> xbuf(static_cast<size_t>(std::max(mb, fb) * d));
-    std::vector<float> crow(static_cast<size_t>(d)), xrow(static_cast<size_t>(d));
+    // crow: a group's codes for pack, or one code for the direct-form helpers
+    std::vector<float> crow(static_cast<size_t>(S.kern.width * d)), xrow(static_cast<size_t>(d));
     std::vector<float> xloc(packed_rows && !reuse_rows ? static_cast<size_t>(mb * d) : 0);
     std::vector<int64_t> local_redo;  // this thread's rows whose gap is inside the bound
 
