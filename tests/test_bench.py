@@ -136,3 +136,28 @@ def test_nearest_suite_peak_fraction_from_the_given_peak():
     assert row["peak_frac"] == round(row["gflops"] / 0.01, 3)
     (row,) = nearest.run(cfg=cfg, progress=False)
     assert "peak_frac" not in row  # under `vqtok bench` the framework adds frac_peak instead
+
+
+@pytest.mark.skipif(unavailable_reason("cpp") is not None, reason="cpp backend not built")
+def test_nearest_builds_ab_script(capsys, tmp_path):
+    """benchmarks/bench_nearest_builds.py: the same build as base and current (A/A) gives the same
+    answer in every alternating run; bad cases and missing files are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_nearest_builds.py"
+    spec = importlib.util.spec_from_file_location("bench_nearest_builds", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    so = mod.current_build()
+    js = tmp_path / "ab.json"
+    assert mod.main(["--base", str(so), "--cases", "8x16x300,3x32x70", "--reps", "1", "--rounds", "2",
+                     "--threads", "1", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["8x16x300", "3x32x70"]
+    assert all(r["same_answer"] and r["base_ms"] > 0 and r["current_ms"] > 0 for r in rows)
+    assert "same answer" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="NxDxK"):
+        mod.parse_cases("8x16")
+    with pytest.raises(SystemExit):
+        mod.main(["--base", str(tmp_path / "missing.so")])
