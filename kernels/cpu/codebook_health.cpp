@@ -1,8 +1,8 @@
 // One step of codebook health tracking; see vqtok/codebook_health.h.
 #include "vqtok/codebook_health.h"
 
-#include <cfloat>
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <vector>
 

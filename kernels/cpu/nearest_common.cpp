@@ -134,7 +134,6 @@ CodebookStats codebook_norms(const void* cb, DType t, int64_t k, int64_t d, floa
   return {n2max, amax, std::sqrt(n2max)};
 }
 
-
 // sum_j (x_j - c_j)^2 in double: sixteen partial sums s_i over j = i mod 16 (independent chains,
 // so the loop runs at the adds' throughput, not their latency; a last half step of 8 goes into
 // s_0 .. s_7), combined as a fixed tree:
