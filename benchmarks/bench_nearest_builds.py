@@ -1,5 +1,5 @@
 """Before / after for the compiled nearest-code kernel: two builds of ``vqtok._C`` timed on the same
-searches, their runs alternating.
+searches (exact mode, or ``--fast``), their runs alternating.
 
 ``vqtok.bench.revision`` loads a Python module as of another git revision beside the current one;
 a pybind11 extension cannot be loaded twice in one process (its types register globally), so here
@@ -28,6 +28,7 @@ CHILD = r"""
 import importlib.machinery, importlib.util, json, statistics, sys, timeit
 import torch
 path, threads, reps, cases = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+fast = sys.argv[5] == "fast"
 loader = importlib.machinery.ExtensionFileLoader("vqtok._C", path)
 spec = importlib.util.spec_from_file_location("vqtok._C", path, loader=loader)
 ext = importlib.util.module_from_spec(spec)
@@ -38,7 +39,7 @@ out = {}
 for n, d, k in cases:
     x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     idx, dist = torch.empty(n, dtype=torch.int64), torch.empty(n)
-    call = lambda: ext.nearest_code_l2(x.data_ptr(), c.data_ptr(), n, k, d, 0, False, idx.data_ptr(), dist.data_ptr())
+    call = lambda: ext.nearest_code_l2(x.data_ptr(), c.data_ptr(), n, k, d, 0, fast, idx.data_ptr(), dist.data_ptr())
     number = max(1, int(2e8 / (2 * n * k * d + 1e7)))  # ~0.1 s or more per timing
     call()
     times = [timeit.timeit(call, number=number) / number for _ in range(reps)]
@@ -70,14 +71,14 @@ def parse_cases(text: str) -> list[tuple[int, int, int]]:
     return cases
 
 
-def measure(builds: dict[str, Path], cases, threads: int, reps: int, rounds: int) -> list[dict]:
+def measure(builds: dict[str, Path], cases, threads: int, reps: int, rounds: int, fast: bool = False) -> list[dict]:
     """Rows per case: each build's median over ``rounds`` alternating child runs, the ratio
     current / base, and whether every run of both builds gave the same answer."""
     runs = {name: [] for name in builds}
     for _ in range(rounds):
         for name, path in builds.items():
-            res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(threads), str(reps), json.dumps(cases)],
-                                 capture_output=True, text=True)
+            res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(threads), str(reps), json.dumps(cases),
+                                  "fast" if fast else "exact"], capture_output=True, text=True)
             if res.returncode != 0:
                 raise SystemExit(f"the {name} build failed:\n{res.stderr.strip()[-2000:]}")
             runs[name].append(json.loads(res.stdout))
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9, help="timed calls per case and run (median)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating runs per build")
+    ap.add_argument("--fast", action="store_true", help="the certified fast mode (AMX-BF16 where the CPU has it)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -109,8 +111,8 @@ def main(argv=None) -> int:
     for name, path in builds.items():
         if not path.is_file():
             ap.error(f"--{name}: no such file {path}")
-    rows = measure(builds, cases, args.threads, args.reps, args.rounds)
-    print(f"nearest_code_l2 (fp32, exact), {args.threads} threads, median of {args.reps} calls x {args.rounds} "
+    rows = measure(builds, cases, args.threads, args.reps, args.rounds, args.fast)
+    print(f"nearest_code_l2 (fp32, {'fast' if args.fast else 'exact'}), {args.threads} threads, median of {args.reps} calls x {args.rounds} "
           f"alternating runs per build\n{'N x D x K':>18}  {'base ms':>9}  {'current ms':>10}  {'ratio':>6}  same answer")
     for r in rows:
         print(f"{r['case']:>18}  {r['base_ms']:9.3f}  {r['current_ms']:10.3f}  {r['ratio']:6.3f}  {r['same_answer']}")

@@ -157,6 +157,9 @@ def test_nearest_builds_ab_script(capsys, tmp_path):
     assert [r["case"] for r in rows] == ["8x16x300", "3x32x70"]
     assert all(r["same_answer"] and r["base_ms"] > 0 and r["current_ms"] > 0 for r in rows)
     assert "same answer" in capsys.readouterr().out
+    assert mod.main(["--base", str(so), "--cases", "64x16x8192", "--reps", "1", "--rounds", "1", "--threads", "1",
+                     "--fast", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["rows"][0]["same_answer"] and "fast" in capsys.readouterr().out
     with pytest.raises(ValueError, match="NxDxK"):
         mod.parse_cases("8x16")
     with pytest.raises(SystemExit):

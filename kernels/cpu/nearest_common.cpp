@@ -616,10 +616,10 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
 #pragma omp parallel if (k * d > (int64_t{1} << 18))
   {
     std::vector<double> mine(static_cast<size_t>(d), 0.0);
-    std::vector<float> row(static_cast<size_t>(d));
+    std::vector<float> tmp(static_cast<size_t>(d));
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < k; ++i) {
-      to_float(codebook, dtype, i * d, d, row.data());
+      const float* row = row_f32(codebook, dtype, i, d, tmp.data());
       for (int64_t j = 0; j < d; ++j) mine[j] = std::max(mine[j], static_cast<double>(std::fabs(row[j])));
     }
 #pragma omp critical
@@ -663,7 +663,8 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
     const int64_t rows = std::min(sb, n - s0), rpad = round_up(rows, MR), nblocks = (rpad + mb - 1) / mb;
 #pragma omp parallel if (parallel)
     {
-      std::vector<float> xr(static_cast<size_t>(d)), crow(static_cast<size_t>(d));
+      // crow: a group's codes for the panel packing, or one code for the direct form
+      std::vector<float> xr(static_cast<size_t>(d)), crow(static_cast<size_t>(kFastWidth * d));
       // 1. bf16 rows, per-row bands, empty candidate lists.
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rpad; ++r) {
@@ -702,21 +703,26 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
         for (int64_t grp = 0; grp < nch * kFastNRV; ++grp) {
           const int64_t qc = grp / kFastNRV, lane0 = (grp % kFastNRV) * kFastWidth;
           uint32_t* dst = panel + qc * d2 * CW + lane0;
-          for (int64_t l = 0; l < kFastWidth; ++l) {
-            const int64_t code = c0 + grp * kFastWidth + l;
-            if (code < k) {
-              to_float(codebook, dtype, code * d, d, crow.data());
-              for (int64_t p = 0; p < d2; ++p) {
-                const uint32_t lo = 2 * p < d ? bf16_bits(-2.0f * crow[2 * p]) : 0u;
-                const uint32_t hi = 2 * p + 1 < d ? bf16_bits(-2.0f * crow[2 * p + 1]) : 0u;
-                dst[p * CW + l] = lo | (hi << 16);
-              }
-              pnorm[grp * kFastWidth + l] = cnorm[code];
-            } else {
-              for (int64_t p = 0; p < d2; ++p) dst[p * CW + l] = 0u;
-              pnorm[grp * kFastWidth + l] = std::numeric_limits<float>::infinity();
+          // one feature pair at a time, a contiguous run of the group's codes (as Search::pack)
+          const int64_t first = c0 + grp * kFastWidth;
+          const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(kFastWidth, k - first));
+          const float* rows = crow.data();
+          if (dtype == DType::F32)
+            rows = static_cast<const float*>(codebook) + first * d;
+          else if (valid > 0)
+            to_float(codebook, dtype, first * d, valid * d, crow.data());
+          for (int64_t p = 0; p < d2; ++p) {
+            uint32_t* out = dst + p * CW;
+            for (int64_t l = 0; l < valid; ++l) {
+              const float* c = rows + l * d;
+              const uint32_t lo = 2 * p < d ? bf16_bits(-2.0f * c[2 * p]) : 0u;
+              const uint32_t hi = 2 * p + 1 < d ? bf16_bits(-2.0f * c[2 * p + 1]) : 0u;
+              out[l] = lo | (hi << 16);
             }
+            for (int64_t l = valid; l < kFastWidth; ++l) out[l] = 0u;
           }
+          for (int64_t l = 0; l < kFastWidth; ++l)
+            pnorm[grp * kFastWidth + l] = l < valid ? cnorm[first + l] : std::numeric_limits<float>::infinity();
         }
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; ++b) {
