@@ -369,8 +369,8 @@ struct Search {
       const int64_t q = g / kern.nrv, lane0 = (g % kern.nrv) * w;
       float* dst = panel + q * d * cw + lane0;
       const int64_t first = c0 + g * w, valid = std::max<int64_t>(0, std::min(w, k - first));
-      const float* rows = crow;
-      if (dtype == DType::F32)
+      const float* rows = crow;  // (no pointer past the codebook when the group is all padding)
+      if (valid > 0 && dtype == DType::F32)
         rows = static_cast<const float*>(cb) + first * d;
       else if (valid > 0)
         to_float(cb, dtype, first * d, valid * d, crow);
@@ -706,8 +706,8 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
           // one feature pair at a time, a contiguous run of the group's codes (as Search::pack)
           const int64_t first = c0 + grp * kFastWidth;
           const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(kFastWidth, k - first));
-          const float* rows = crow.data();
-          if (dtype == DType::F32)
+          const float* rows = crow.data();  // (no pointer past the codebook when all padding)
+          if (valid > 0 && dtype == DType::F32)
             rows = static_cast<const float*>(codebook) + first * d;
           else if (valid > 0)
             to_float(codebook, dtype, first * d, valid * d, crow.data());
