@@ -51,11 +51,18 @@ int64_t decay_and_count(float* ema, int64_t k, float d, float threshold) {
   return below;
 }
 
-// Per-thread counts for the sparse path, all zero between calls (only used entries are touched).
-std::vector<int32_t>& scratch(int64_t k) {
-  thread_local std::vector<int32_t> counts;
-  if (static_cast<int64_t>(counts.size()) < k) counts.assign(static_cast<size_t>(k), 0);
-  return counts;
+// Per-thread scratch of the sparse path, kept between calls: counts (all zero between calls; only
+// used entries are touched) and the list of used ids.
+struct Scratch {
+  std::vector<int32_t> counts;
+  std::vector<int64_t> used;
+};
+
+Scratch& scratch(int64_t k) {
+  thread_local Scratch s;
+  if (static_cast<int64_t>(s.counts.size()) < k) s.counts.assign(static_cast<size_t>(k), 0);
+  s.used.clear();
+  return s;
 }
 
 }  // namespace
@@ -64,10 +71,12 @@ HealthStep health_step(float* ema, int64_t* hist, int64_t k, const int64_t* ids,
                        const int64_t* counts, double decay, float dead_threshold, int64_t moments_below) {
   HealthStep st;
   const float d = static_cast<float>(decay);
-  if (ids == nullptr) {  // dense counts: one pass over K does everything
-    for (int64_t i = 0; i < k; ++i) st.total += counts[i];
+  if (ids == nullptr) {  // dense counts: totals first (the scale and the moments flag need them)
+    for (int64_t i = 0; i < k; ++i) {
+      st.total += counts[i];
+      st.distinct += counts[i] > 0;
+    }
     if (st.total <= 0) return st;
-    for (int64_t i = 0; i < k; ++i) st.distinct += counts[i] > 0;
   } else {
     st.total = n;
     if (n <= 0) return st;
@@ -102,9 +111,9 @@ HealthStep health_step(float* ema, int64_t* hist, int64_t k, const int64_t* ids,
   }
 
   // sparse: count the ids, decay every code, then add the batch at the used ones
-  std::vector<int32_t>& cnt = scratch(k);
-  std::vector<int64_t> used;
-  used.reserve(static_cast<size_t>(n < k ? n : k));
+  Scratch& sc = scratch(k);
+  std::vector<int32_t>& cnt = sc.counts;
+  std::vector<int64_t>& used = sc.used;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t id = ids[j];
     if (cnt[id]++ == 0) used.push_back(id);

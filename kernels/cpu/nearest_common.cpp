@@ -88,11 +88,18 @@ T* grow_aligned64(std::vector<T>& v, int64_t count) {
   return reinterpret_cast<T*>((p + 63) & ~uintptr_t{63});
 }
 
-// Row i of a dtype array as fp32: a pointer into the array itself for float32, else converted into tmp.
-inline const float* row_f32(const void* p, DType t, int64_t i, int64_t d, float* tmp) {
-  if (t == DType::F32) return static_cast<const float*>(p) + i * d;
-  to_float(p, t, i * d, d, tmp);
+// Rows [first, first + count) of a dtype array as fp32: a pointer into the array itself for
+// float32, else converted into tmp (count * d floats). No rows: tmp, never a pointer past the array.
+inline const float* rows_f32(const void* p, DType t, int64_t first, int64_t count, int64_t d, float* tmp) {
+  if (count <= 0) return tmp;
+  if (t == DType::F32) return static_cast<const float*>(p) + first * d;
+  to_float(p, t, first * d, count * d, tmp);
   return tmp;
+}
+
+// Row i of a dtype array as fp32 (rows_f32 of one row).
+inline const float* row_f32(const void* p, DType t, int64_t i, int64_t d, float* tmp) {
+  return rows_f32(p, t, i, 1, d, tmp);
 }
 
 struct CodebookStats {
@@ -369,11 +376,7 @@ struct Search {
       const int64_t q = g / kern.nrv, lane0 = (g % kern.nrv) * w;
       float* dst = panel + q * d * cw + lane0;
       const int64_t first = c0 + g * w, valid = std::max<int64_t>(0, std::min(w, k - first));
-      const float* rows = crow;  // (no pointer past the codebook when the group is all padding)
-      if (valid > 0 && dtype == DType::F32)
-        rows = static_cast<const float*>(cb) + first * d;
-      else if (valid > 0)
-        to_float(cb, dtype, first * d, valid * d, crow);
+      const float* rows = rows_f32(cb, dtype, first, valid, d, crow);
       for (int64_t j = 0; j < d; ++j) {
         float* out = dst + j * cw;
         for (int64_t l = 0; l < valid; ++l) out[l] = -2.0f * rows[l * d + j];
@@ -706,11 +709,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
           // one feature pair at a time, a contiguous run of the group's codes (as Search::pack)
           const int64_t first = c0 + grp * kFastWidth;
           const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(kFastWidth, k - first));
-          const float* rows = crow.data();  // (no pointer past the codebook when all padding)
-          if (valid > 0 && dtype == DType::F32)
-            rows = static_cast<const float*>(codebook) + first * d;
-          else if (valid > 0)
-            to_float(codebook, dtype, first * d, valid * d, crow.data());
+          const float* rows = rows_f32(codebook, dtype, first, valid, d, crow.data());
           for (int64_t p = 0; p < d2; ++p) {
             uint32_t* out = dst + p * CW;
             for (int64_t l = 0; l < valid; ++l) {
