@@ -73,6 +73,26 @@ def test_shapes(isa, precision, n, k, d):
     _check(torch.randn(n, d), torch.randn(k, d), isa, precision)
 
 
+@pytest.mark.parametrize("k", [64 * 24, 64 * 24 + 1, 5000])
+def test_both_lane_update_variants(isa, precision, k):
+    # d=24 (rows packed at AVX-512): up to k = 64 d the lanes carry each code group's index,
+    # above it the winning group of every improved row is recomputed afterwards, rows side by
+    # side in fours (53 rows: a short last batch). Codes 5 / 21 / 37 / 53 are lane 5 of the four
+    # groups of AVX-512's first 64-code chunk: rows near code 21 must get 21 (no tie), rows on
+    # the duplicates of code 5 the lowest index, and the random rows the oracle's answer.
+    d = 24
+    c = torch.randn(k, d)
+    c[37] = c[53] = c[5]
+    x = torch.randn(53, d)
+    x[:10] = c[21] + 1e-2 * torch.randn(10, d)
+    x[10:20] = c[37] + 1e-3 * torch.randn(10, d)
+    idx = _check(x, c, isa, precision)
+    assert (idx[:10] == 21).all() and (idx[10:20] == 5).all()
+    # a wrong recomputation would not change the answer (the row is then re-decided in the
+    # direct form), only its cost: only the 10 rows on duplicates may be re-decided
+    assert _raw(x, c)[2] == 10
+
+
 def _layout(n, k, d):
     from vqtok import _C
 

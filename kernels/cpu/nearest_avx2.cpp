@@ -64,9 +64,12 @@ struct Ops256 {
 // broadcasts (3x4) or the code vectors (4x3) beside them. Up to d = 32 the row tiles read their
 // rows in place and sweep 16 KiB runs of the panel (L1; this level's L2 may not hold a panel).
 const BlockKernel& avx2_kernel(int64_t d) {
-  static const BlockKernel small{Ops256::W, 3, 4, true, "avx2", &run_block<Ops256, 3, 4>, &pack_rows<3>,
+  // run_ids is run for the small tile: d <= 16 is always swept (kSweepMaxD).
+  static const BlockKernel small{Ops256::W, 3, 4, true, "avx2", &run_block<Ops256, 3, 4>,
+                                 &run_block<Ops256, 3, 4>, &pack_rows<3>,
                                  Ops256::kSweepMaxD};
-  static const BlockKernel large{Ops256::W, 4, 3, true, "avx2", &run_block<Ops256, 4, 3, true>, &pack_rows<4>,
+  static const BlockKernel large{Ops256::W, 4, 3, true, "avx2", &run_block<Ops256, 4, 3, true>,
+                                 &run_block<Ops256, 4, 3, true>, &pack_rows<4>,
                                  Ops256::kSweepMaxD};
   return d <= 16 ? small : large;
 }

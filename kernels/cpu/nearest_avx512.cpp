@@ -51,9 +51,11 @@ struct Ops512 {
 // stays within 32 KiB of L1). Larger d: 12 rows x 2 zmm, whose 32-code chunks still fit L1, with
 // a lane update per score vector (2 x 12 updates against 24 d FMAs).
 const BlockKernel& avx512_kernel(int64_t d) {
-  static const BlockKernel small{Ops512::W, 6, 4, true, "avx512", &run_block<Ops512, 6, 4>, &pack_rows<6>,
+  static const BlockKernel small{Ops512::W, 6, 4, true, "avx512", &run_block<Ops512, 6, 4>,
+                                 &run_block<Ops512, 6, 4, true>, &pack_rows<6>,
                                  Ops512::kSweepMaxD};
-  static const BlockKernel large{Ops512::W, 12, 2, true, "avx512", &run_block<Ops512, 12, 2, true>, &pack_rows<12>,
+  static const BlockKernel large{Ops512::W, 12, 2, true, "avx512", &run_block<Ops512, 12, 2, true>,
+                                 &run_block<Ops512, 12, 2, true>, &pack_rows<12>,
                                  Ops512::kSweepMaxD};
   return d <= 128 ? small : large;
 }

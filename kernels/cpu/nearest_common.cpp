@@ -462,6 +462,11 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     xpk_buf = std::make_unique<HostBuffer>(static_cast<size_t>(std::min(sb, round_up(n, mb)) * d) * sizeof(float));
   float* const xpk_data = reuse_rows ? static_cast<float*>(xpk_buf->data()) : nullptr;
 
+  // With few codes (k <= 64 d) a lane index per code group costs less than recomputing, after
+  // each panel, the winning group of every row it improves (NRV chains of d dependent FMAs per
+  // row): one run_block variant or the other (the same answer). Swept small d keeps run.
+  const auto run_kernel = d > S.kern.sweep_max_d && k <= 64 * d ? S.kern.run_ids : S.kern.run;
+
   // Small searches (< ~1 ms of FMA work) run on one thread: the region's barriers would cost
   // more than they save, especially when another process holds one of the cores.
   const bool parallel = 2.0 * static_cast<double>(n) * k * d > 2e8 && nblocks > 1;
@@ -481,7 +486,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
       for (int64_t c0 = 0; c0 < k; c0 += S.kp) {
         S.pack(c0, crow.data());
         const int64_t nch = S.chunks_in(c0);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t r0 = blk * mb, rows = std::min(mb, n - r0), rpad = round_up(rows, mr);
           const float* xq = S.load_rows(r0, nullptr, rows, rpad, xbuf.data());
@@ -496,7 +501,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
           }
           BlockArgs a{xq, rpad, rows, d, S.panel, S.pnorm, nch, static_cast<int32_t>(c0),
                       gbest + r0, gsec + r0, gidx + r0, nullptr, 0, xp};
-          S.kern.run(a);
+          run_kernel(a);
           if (c0 + S.kp < k) continue;
           // 2. The block's last panel, its rows still in cache: the certificate (a gap above 2E
           // proves the winner) and, for proven rows, the outputs; the others are re-decided.

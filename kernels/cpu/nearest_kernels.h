@@ -47,6 +47,10 @@ struct BlockKernel {
   bool fma;   // scores are single-rounding FMA chains (tightens the error bound)
   const char* name;
   void (*run)(const BlockArgs&);
+  // The same search with a lane index per code group (kGroupIds): each score vector pays the full
+  // lane update, and no row's winning group is recomputed afterwards. For d > sweep_max_d,
+  // cheaper than run when a panel holds few chunks (see nearest_exact).
+  void (*run_ids)(const BlockArgs&);
   // Packs rows [0, rows) of xq (row-major, rows a multiple of mr) feature-major per mr-row tile,
   // the layout BlockArgs::xp holds.
   void (*pack_rows)(const float* xq, int64_t rows, int64_t d, float* xp);

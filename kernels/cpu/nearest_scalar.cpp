@@ -80,7 +80,9 @@ constexpr int kMr = 4, kNrv = 1;
 }  // namespace
 
 const BlockKernel& scalar_kernel(int64_t /*d*/) {
-  static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>, &pack_rows<kMr>,
+  // One group per tile (kNrv = 1): nothing to recover, so run_ids is run.
+  static const BlockKernel k{OpsScalar::W, kMr, kNrv, false, "scalar", &run_block<OpsScalar, kMr, kNrv>,
+                             &run_block<OpsScalar, kMr, kNrv>, &pack_rows<kMr>,
                              OpsScalar::kSweepMaxD};
   return k;
 }

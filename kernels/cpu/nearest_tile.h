@@ -165,6 +165,12 @@ void run_block(const BlockArgs& a) {
     for (int64_t q = 0; q < a.nchunks; ++q)
       for (int64_t r0 = 0; r0 < a.rows; r0 += MR) tile(r0, q);
   }
+  // Rows whose best this panel improves; without kGroupIds their winning group is recovered
+  // below, kRecompute rows at a time.
+  constexpr bool kRecover = NRV > 1 && !kGroupIds;
+  int32_t pend[kRecover ? kMaxBlockTiles * MR : 1], np = 0;
+  float pbest[kRecover ? kMaxBlockTiles * MR : 1], psec[kRecover ? kMaxBlockTiles * MR : 1];
+  int32_t pcode[kRecover ? kMaxBlockTiles * MR : 1];
   for (int64_t r = 0; r < a.valid_rows; ++r) {
     float best, sec;
     int32_t code;
@@ -175,28 +181,55 @@ void run_block(const BlockArgs& a) {
       if (best < gs) gs = best;
       continue;
     }
-    if constexpr (NRV > 1 && !kGroupIds) {
-      // code = chunk start + lane; the winner is the lowest group v whose score equals best,
-      // and its siblings' scores join the second best. They are recomputed with the kernel's
-      // exact FMA sequence (bitwise identical), only when the panel improves the row's best.
-      const int64_t off = code - a.code_base, q = off / CW, lane = off % CW;
-      const float* cp = a.panel + q * d * CW + lane;
-      const float* xr = a.xq + r * d;
-      float s[NRV];
-      for (int v = 0; v < NRV; ++v) s[v] = __builtin_fmaf(xr[0], cp[v * W], a.norms[q * CW + lane + v * W]);
-      for (int64_t j = 1; j < d; ++j)
-        for (int v = 0; v < NRV; ++v) s[v] = __builtin_fmaf(xr[j], cp[j * CW + v * W], s[v]);
-      int win = -1;
-      for (int v = 0; v < NRV; ++v) {
-        if (win < 0 && s[v] == best) win = v;
-        else if (s[v] < sec) sec = s[v];
-      }
-      if (win < 0) win = 0, sec = best;  // unreachable for finite scores: force a re-decision
-      code += win * W;
+    if constexpr (kRecover) {
+      pend[np] = static_cast<int32_t>(r), pbest[np] = best, psec[np] = sec, pcode[np] = code, ++np;
+      continue;
     }
     gs = sec < gb ? sec : gb;
     gb = best;
     a.gidx[r] = code;
+  }
+  if constexpr (kRecover) {
+    // code = chunk start + lane; the winner is the lowest group v whose score equals best, and
+    // its siblings' scores join the second best. They are recomputed with the kernel's exact
+    // FMA sequence (bitwise identical). Each row's recomputation is NRV chains of d dependent
+    // FMAs; kRecompute rows side by side keep enough of them in flight to hide the latency.
+    constexpr int kRecompute = 4;
+    for (int i0 = 0; i0 < np; i0 += kRecompute) {
+      const float* cp[kRecompute];
+      const float* xr[kRecompute];
+      float s[kRecompute][NRV];
+      for (int t = 0; t < kRecompute; ++t) {
+        const int i = i0 + t < np ? i0 + t : np - 1;  // a short batch repeats its last row
+        const int64_t off = pcode[i] - a.code_base, q = off / CW, lane = off % CW;
+        cp[t] = a.panel + q * d * CW + lane;
+        xr[t] = a.xq + pend[i] * d;
+#pragma GCC unroll 8
+        for (int v = 0; v < NRV; ++v) s[t][v] = __builtin_fmaf(xr[t][0], cp[t][v * W], a.norms[q * CW + lane + v * W]);
+      }
+      for (int64_t j = 1; j < d; ++j)
+#pragma GCC unroll 4
+        for (int t = 0; t < kRecompute; ++t)
+#pragma GCC unroll 8
+          for (int v = 0; v < NRV; ++v) s[t][v] = __builtin_fmaf(xr[t][j], cp[t][j * CW + v * W], s[t][v]);
+      for (int t = 0; t < kRecompute && i0 + t < np; ++t) {
+        const int i = i0 + t;
+        const int64_t r = pend[i];
+        float best = pbest[i], sec = psec[i];
+        int32_t code = pcode[i];
+        int win = -1;
+        for (int v = 0; v < NRV; ++v) {
+          if (win < 0 && s[t][v] == best) win = v;
+          else if (s[t][v] < sec) sec = s[t][v];
+        }
+        if (win < 0) win = 0, sec = best;  // unreachable for finite scores: force a re-decision
+        code += win * W;
+        float& gb = a.gbest[r];
+        a.gsec[r] = sec < gb ? sec : gb;
+        gb = best;
+        a.gidx[r] = code;
+      }
+    }
   }
 }
 
