@@ -728,7 +728,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
           for (int64_t l = 0; l < kFastWidth; ++l)
             pnorm[grp * kFastWidth + l] = l < valid ? cnorm[first + l] : std::numeric_limits<float>::infinity();
         }
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < nblocks; ++b) {
           const int64_t r0 = b * mb;
           FastBlockArgs a{xq + r0 * d2, std::min(mb, rpad - r0), d2, panel, pnorm, nch,
@@ -737,8 +737,9 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
           fast_block_amx(a, c0 == 0 ? seed_steps : 0);
         }
       }
-      // 3. Candidates within the final band, decided in the float64 direct form.
-#pragma omp for schedule(static)
+      // 3. Candidates within the final band, decided in the float64 direct form (rows take
+      // one to 64 direct-form distances: dynamic chunks).
+#pragma omp for schedule(dynamic, 64)
       for (int64_t r = 0; r < rows; ++r) {
         if (count[r] > CAP) continue;
         const float* xrow = row_f32(x, dtype, s0 + r, d, xr.data());
