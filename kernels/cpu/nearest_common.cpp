@@ -467,8 +467,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
 
   // With few codes (k <= 64 d) a lane index per code group costs less than recomputing, after
   // each panel, the winning group of every row it improves (NRV chains of d dependent FMAs per
-  // row): one run_block variant or the other (the same answer). Swept small d keeps run.
-  const auto run_kernel = d > S.kern.sweep_max_d && k <= 64 * d ? S.kern.run_ids : S.kern.run;
+  // row): one run_block variant or the other (the same answer).
+  const auto run_kernel = k <= 64 * d ? S.kern.run_ids : S.kern.run;
 
   // Small searches (< ~1 ms of FMA work) run on one thread: the region's barriers would cost
   // more than they save, especially when another process holds one of the cores.
