@@ -64,7 +64,8 @@ struct Ops256 {
 // broadcasts (3x4) or the code vectors (4x3) beside them. Up to d = 32 the row tiles read their
 // rows in place and sweep 16 KiB runs of the panel (L1; this level's L2 may not hold a panel).
 const BlockKernel& avx2_kernel(int64_t d) {
-  // run_ids is run for the small tile: d <= 16 is always swept (kSweepMaxD).
+  // run_ids is run for the small tile: its per-group variant was no faster with few codes
+  // (VQTOK_ISA=avx2, d = 8 and 16; 3-row tiles pay four lane updates per row for one minimum).
   static const BlockKernel small{Ops256::W, 3, 4, true, "avx2", &run_block<Ops256, 3, 4>,
                                  &run_block<Ops256, 3, 4>, &pack_rows<3>,
                                  Ops256::kSweepMaxD};

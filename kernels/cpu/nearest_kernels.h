@@ -48,8 +48,8 @@ struct BlockKernel {
   const char* name;
   void (*run)(const BlockArgs&);
   // The same search with a lane index per code group (kGroupIds): each score vector pays the full
-  // lane update, and no row's winning group is recomputed afterwards. For d > sweep_max_d,
-  // cheaper than run when a panel holds few chunks (see nearest_exact).
+  // lane update, and no row's winning group is recomputed afterwards. Cheaper than run with few
+  // codes (see nearest_exact); a level may make it run itself.
   void (*run_ids)(const BlockArgs&);
   // Packs rows [0, rows) of xq (row-major, rows a multiple of mr) feature-major per mr-row tile,
   // the layout BlockArgs::xp holds.
