@@ -3,6 +3,7 @@ missing suites; derived fractions and the plot use real measurements."""
 
 import dataclasses
 import json
+import shutil
 import time
 
 import pytest
@@ -164,3 +165,24 @@ def test_nearest_builds_ab_script(capsys, tmp_path):
         mod.parse_cases("8x16")
     with pytest.raises(SystemExit):
         mod.main(["--base", str(tmp_path / "missing.so")])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the driver")
+def test_nearest_profile_driver_builds_and_agrees_across_isas(tmp_path):
+    """benchmarks/nearest_profile.sh: the symbol-carrying C++ driver (for perf) builds from
+    kernels/cpu and gives the same indices at the scalar level as at the best one."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "nearest_profile.sh"
+    env = dict(os.environ, OUT=str(tmp_path))
+    out = subprocess.run([str(script), "300", "700", "24", "1"], env=env, capture_output=True, text=True, check=True)
+    best = dict(zip(*[iter(out.stdout.split())] * 2))
+    scalar = subprocess.run([str(tmp_path / "nearest_profile"), "300", "700", "24", "1"],
+                            env=dict(env, VQTOK_ISA="scalar"), capture_output=True, text=True, check=True)
+    low = dict(zip(*[iter(scalar.stdout.split())] * 2))
+    assert low["isa"] == "scalar" and float(best["median_ms"]) > 0
+    assert best["checksum"] == low["checksum"]
+    bad = subprocess.run([str(tmp_path / "nearest_profile"), "0", "1", "1", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "positive" in bad.stderr

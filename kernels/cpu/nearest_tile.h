@@ -165,6 +165,12 @@ void run_block(const BlockArgs& a) {
     for (int64_t q = 0; q < a.nchunks; ++q)
       for (int64_t r0 = 0; r0 < a.rows; r0 += MR) tile(r0, q);
   }
+  auto commit = [&](int64_t r, float best, float sec, int32_t code) {
+    float& gb = a.gbest[r];
+    a.gsec[r] = sec < gb ? sec : gb;
+    gb = best;
+    a.gidx[r] = code;
+  };
   // Rows whose best this panel improves; without kGroupIds their winning group is recovered
   // below, kRecompute rows at a time.
   constexpr bool kRecover = NRV > 1 && !kGroupIds;
@@ -181,13 +187,8 @@ void run_block(const BlockArgs& a) {
       if (best < gs) gs = best;
       continue;
     }
-    if constexpr (kRecover) {
-      pend[np] = static_cast<int32_t>(r), pbest[np] = best, psec[np] = sec, pcode[np] = code, ++np;
-      continue;
-    }
-    gs = sec < gb ? sec : gb;
-    gb = best;
-    a.gidx[r] = code;
+    if constexpr (kRecover) pend[np] = static_cast<int32_t>(r), pbest[np] = best, psec[np] = sec, pcode[np] = code, ++np;
+    else commit(r, best, sec, code);
   }
   if constexpr (kRecover) {
     // code = chunk start + lane; the winner is the lowest group v whose score equals best, and
@@ -214,20 +215,15 @@ void run_block(const BlockArgs& a) {
           for (int v = 0; v < NRV; ++v) s[t][v] = __builtin_fmaf(xr[t][j], cp[t][j * CW + v * W], s[t][v]);
       for (int t = 0; t < kRecompute && i0 + t < np; ++t) {
         const int i = i0 + t;
-        const int64_t r = pend[i];
-        float best = pbest[i], sec = psec[i];
-        int32_t code = pcode[i];
+        const float best = pbest[i];
+        float sec = psec[i];
         int win = -1;
         for (int v = 0; v < NRV; ++v) {
           if (win < 0 && s[t][v] == best) win = v;
           else if (s[t][v] < sec) sec = s[t][v];
         }
         if (win < 0) win = 0, sec = best;  // unreachable for finite scores: force a re-decision
-        code += win * W;
-        float& gb = a.gbest[r];
-        a.gsec[r] = sec < gb ? sec : gb;
-        gb = best;
-        a.gidx[r] = code;
+        commit(pend[i], best, sec, pcode[i] + win * W);
       }
     }
   }
