@@ -186,3 +186,20 @@ def test_nearest_profile_driver_builds_and_agrees_across_isas(tmp_path):
     assert best["checksum"] == low["checksum"]
     bad = subprocess.run([str(tmp_path / "nearest_profile"), "0", "1", "1", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "positive" in bad.stderr
+
+
+def test_ssim_benchmark_rows_agree_with_skimage(tmp_path, capsys):
+    """benchmarks/bench_ssim.py: one row per case, timed beside scikit-image, whose SSIM it matches."""
+    from scripts import load_script
+
+    mod = load_script("benchmarks/bench_ssim.py")
+    out = tmp_path / "ssim.json"
+    assert mod.main(["--cases", "3x3x20x24,1x1x400x12", "--reps", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shape"] for r in rows] == [[3, 3, 20, 24], [1, 1, 400, 12]]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["skimage_median_ms"] > 0 and r["vs_skimage"] > 0
+        assert r["max_abs_diff_skimage"] < 1e-9 and -1 < r["mean_ssim"] < 1
+    assert "skimage ms" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--cases", "1x3x8x8"])  # smaller than the 11 px window

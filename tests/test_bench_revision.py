@@ -54,6 +54,7 @@ def test_interleaved_alternates_and_rotates():
     ("benchmarks/bench_codebook_health.py", ["--bits", "6", "--tokens", "32", "--steps", "2"], "against_median_us"),
     ("benchmarks/bench_fsq_entropy.py", ["--levels", "4,3", "--tokens", "16"], "against_median_ms"),
     ("benchmarks/bench_lfq_entropy.py", ["--bits", "6", "--tokens", "16", "--extra", ""], "against_median_ms"),
+    ("benchmarks/bench_ssim.py", ["--cases", "2x3x16x16", "--no-skimage"], "against_median_ms"),
 ])
 def test_benchmarks_time_against_a_revision(script, args, key, tmp_path, capsys):
     from scripts import load_script

@@ -244,3 +244,26 @@ def test_accumulators_all_reduce_under_ddp(tmp_path):
     for a, b in zip(got["gauss"], ref.compute()):
         assert torch.allclose(a, b, atol=1e-10)
     assert torch.equal(got["counts"], torch.bincount(ids, minlength=8))
+
+
+@pytest.mark.parametrize("h,w", [(11, 11), (64, 64), (40, 400), (385, 30), (520, 384)])
+def test_gaussian_filter_matches_float64_convolution(h, w):
+    """Both filter strategies (banded product up to _BANDED_MAX px an axis, shifted sums beyond)
+    equal the separable float64 convolution they replace (both, on the axes here)."""
+    import torch.nn.functional as F
+
+    from vqtok.metrics.reconstruction import _filter2d, gaussian_window
+
+    t = torch.randn(3, 2, h, w, generator=torch.Generator().manual_seed(h * w), dtype=torch.float64)
+    g = gaussian_window()
+    k = g.numel()
+    ref = F.conv2d(F.conv2d(t.reshape(6, 1, h, w), g.view(1, 1, k, 1)), g.view(1, 1, 1, k)).reshape(3, 2, h - k + 1, w - k + 1)
+    out = _filter2d(t, g)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+
+
+def test_ssim_matches_skimage_past_the_banded_size():
+    x, y = _photo_pair("astronaut", size=512)  # 512 x 512: the shifted-sum path on both axes
+    assert x.shape[-2:] == (512, 512)
+    assert ssim(x, y).item() == pytest.approx(_sk_ssim(x[0], y[0]), abs=1e-3)

@@ -63,11 +63,41 @@ def gaussian_window(sigma: float = 1.5, truncate: float = 3.5, dtype=torch.float
     return (w / w.sum()).to(dtype=dtype, device=device)
 
 
-def _filter2d(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Separable 'valid' Gaussian filter of t [N, 1, H, W] -> [N, 1, H-2r, W-2r]."""
+# Up to this many pixels along an axis, the filter runs as one product with a banded matrix
+# (BLAS, ~L multiply-adds a pixel); longer axes take 11 shifted multiply-adds a pixel. (float64
+# convolutions have no oneDNN path in torch, and its im2col fallback was slower than either;
+# benchmarks/bench_ssim.py --against times the whole metric against a revision.)
+_BANDED_MAX = 384
+# ssim filters at most this many pixels of frames at a time (at least one frame; ``chunk`` caps
+# the frames): ~8 MiB of float64 moment maps, where 64 frames of 256 px would take ~400 MiB.
+_CHUNK_PIXELS = 2**18
+
+
+def _banded(length: int, w: torch.Tensor) -> torch.Tensor:
+    """[length - k + 1, length]: row i holds the taps w at columns i .. i + k - 1 ('valid')."""
     k = w.numel()
-    t = F.conv2d(t, w.view(1, 1, k, 1))
-    return F.conv2d(t, w.view(1, 1, 1, k))
+    rows = length - k + 1
+    band = torch.zeros(rows, length, dtype=w.dtype, device=w.device)
+    cols = torch.arange(rows, device=w.device)[:, None] + torch.arange(k, device=w.device)[None]
+    return band.scatter_(1, cols, w.expand(rows, k).contiguous())
+
+
+def _filter_axis(t: torch.Tensor, w: torch.Tensor, dim: int) -> torch.Tensor:
+    """'valid' 1-D filter of t along dim (-2 or -1) with taps w."""
+    k, length = w.numel(), t.shape[dim]
+    if length <= _BANDED_MAX:
+        band = _banded(length, w)
+        return band @ t if dim == -2 else t @ band.T
+    out_len = length - k + 1
+    out = t.narrow(dim, 0, out_len) * w[0]
+    for i in range(1, k):
+        out.add_(t.narrow(dim, i, out_len), alpha=float(w[i]))
+    return out
+
+
+def _filter2d(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Separable 'valid' Gaussian filter of t [..., H, W] -> [..., H-2r, W-2r]."""
+    return _filter_axis(_filter_axis(t, w, -2), w, -1)
 
 
 def _as_frames(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -95,7 +125,7 @@ def ssim(
     Matches ``skimage.metrics.structural_similarity(xi, yi, data_range=data_range, channel_axis=0,
     gaussian_weights=True, sigma=sigma, use_sample_covariance=False)`` per sample (to ~1e-6 in
     float64). H and W must be at least the window size (11 for sigma 1.5). Computed in float64,
-    ``chunk`` frames at a time to bound memory.
+    at most ``chunk`` frames (and ~2^18 pixels) at a time to bound memory.
     """
     _check_pair(x, y, min_ndim=4)
     if not data_range > 0:
@@ -109,19 +139,21 @@ def ssim(
             f"ssim needs H and W >= {size} (the Gaussian window for sigma={sigma}), got {tuple(fx.shape[-2:])}"
         )
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    c, h, wd = fx.shape[1:]
+    step = max(1, min(chunk, _CHUNK_PIXELS // (c * h * wd)))  # frames a pass: bounded, cache-sized
     out = []
-    for s in range(0, fx.shape[0], chunk):
-        a = fx[s : s + chunk].to(torch.float64)
-        b = fy[s : s + chunk].to(torch.float64)
-        n, c, h, wd = a.shape
-        a, b = a.reshape(n * c, 1, h, wd), b.reshape(n * c, 1, h, wd)
-        # one conv over the five stacked moment maps
-        maps = _filter2d(torch.cat([a, b, a * a, b * b, a * b], 0), w)
-        ux, uy, uxx, uyy, uxy = maps.chunk(5, 0)
-        vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
-        num = (2 * ux * uy + c1) * (2 * vxy + c2)
-        den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
-        per_channel = (num / den).reshape(n, c, -1).mean(-1)  # [n, C]
+    for s in range(0, fx.shape[0], step):
+        a = fx[s : s + step].to(torch.float64)
+        b = fy[s : s + step].to(torch.float64)
+        n = a.shape[0]
+        a, b = a.reshape(n * c, h, wd), b.reshape(n * c, h, wd)
+        # one filter pass over the four stacked moment maps: E[x], E[y], E[x^2 + y^2], E[xy]
+        ux, uy, uss, uxy = _filter2d(torch.stack([a, b, torch.addcmul(a * a, b, b), a * b]), w)
+        p = ux * uy
+        s2 = torch.addcmul(ux * ux, uy, uy)  # ux^2 + uy^2
+        num = (2 * p + c1).mul_((uxy - p).mul_(2).add_(c2))  # (2 ux uy + c1)(2 cov + c2)
+        den = (s2 + c1).mul_(uss.sub_(s2).add_(c2))  # (ux^2 + uy^2 + c1)(var x + var y + c2)
+        per_channel = num.div_(den).reshape(n, c, -1).mean(-1)  # [n, C]
         out.append(per_channel.mean(1))
     per_frame = torch.cat(out)
     return per_frame.reshape(-1, frames).mean(1)
