@@ -13,6 +13,7 @@ Build the base revision's extension in a worktree first (with this checkout's en
     git worktree add /tmp/base REV && (cd /tmp/base && $OLDPWD/.venv/bin/python setup.py -q build_ext --inplace)
     .venv/bin/python benchmarks/bench_nearest_builds.py --base /tmp/base/tokenizers/vqtok/_C.cpython-311-x86_64-linux-gnu.so
     .venv/bin/python benchmarks/bench_nearest_builds.py --base BASE.so --cases 1x16x16384,16384x256x1024 --threads 1
+    .venv/bin/python benchmarks/bench_nearest_builds.py --base BASE.so --codebook pairs   # duplicated codes
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CHILD = r"""
 import importlib.machinery, importlib.util, json, statistics, sys, timeit
 import torch
 path, threads, reps, cases = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
-fast = sys.argv[5] == "fast"
+fast, codebook = sys.argv[5] == "fast", sys.argv[6]
 loader = importlib.machinery.ExtensionFileLoader("vqtok._C", path)
 spec = importlib.util.spec_from_file_location("vqtok._C", path, loader=loader)
 ext = importlib.util.module_from_spec(spec)
@@ -38,6 +39,10 @@ g = torch.Generator().manual_seed(0)
 out = {}
 for n, d, k in cases:
     x, c = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    if codebook == "pairs":  # every code twice
+        c[1::2] = c[0::2]
+    elif codebook == "zeros":  # 1% zero codes (at least 2), as in a codebook with untouched entries
+        c[: max(2, k // 100)] = 0.0
     idx, dist = torch.empty(n, dtype=torch.int64), torch.empty(n)
     call = lambda: ext.nearest_code_l2(x.data_ptr(), c.data_ptr(), n, k, d, 0, fast, idx.data_ptr(), dist.data_ptr())
     number = max(1, int(2e8 / (2 * n * k * d + 1e7)))  # ~0.1 s or more per timing
@@ -71,14 +76,18 @@ def parse_cases(text: str) -> list[tuple[int, int, int]]:
     return cases
 
 
-def measure(builds: dict[str, Path], cases, threads: int, reps: int, rounds: int, fast: bool = False) -> list[dict]:
+CODEBOOKS = ("gaussian", "pairs", "zeros")
+
+
+def measure(builds: dict[str, Path], cases, threads: int, reps: int, rounds: int, fast: bool = False,
+            codebook: str = "gaussian") -> list[dict]:
     """Rows per case: each build's median over ``rounds`` alternating child runs, the ratio
     current / base, and whether every run of both builds gave the same answer."""
     runs = {name: [] for name in builds}
     for _ in range(rounds):
         for name, path in builds.items():
             res = subprocess.run([sys.executable, "-c", CHILD, str(path), str(threads), str(reps), json.dumps(cases),
-                                  "fast" if fast else "exact"], capture_output=True, text=True)
+                                  "fast" if fast else "exact", codebook], capture_output=True, text=True)
             if res.returncode != 0:
                 raise SystemExit(f"the {name} build failed:\n{res.stderr.strip()[-2000:]}")
             runs[name].append(json.loads(res.stdout))
@@ -101,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=9, help="timed calls per case and run (median)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating runs per build")
     ap.add_argument("--fast", action="store_true", help="the certified fast mode (AMX-BF16 where the CPU has it)")
+    ap.add_argument("--codebook", choices=CODEBOOKS, default="gaussian",
+                    help="Gaussian codes; every code twice (pairs); or 1%% of the codes zero (zeros)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -111,8 +122,8 @@ def main(argv=None) -> int:
     for name, path in builds.items():
         if not path.is_file():
             ap.error(f"--{name}: no such file {path}")
-    rows = measure(builds, cases, args.threads, args.reps, args.rounds, args.fast)
-    print(f"nearest_code_l2 (fp32, {'fast' if args.fast else 'exact'}), {args.threads} threads, median of {args.reps} calls x {args.rounds} "
+    rows = measure(builds, cases, args.threads, args.reps, args.rounds, args.fast, args.codebook)
+    print(f"nearest_code_l2 (fp32, {'fast' if args.fast else 'exact'}, {args.codebook} codebook), {args.threads} threads, median of {args.reps} calls x {args.rounds} "
           f"alternating runs per build\n{'N x D x K':>18}  {'base ms':>9}  {'current ms':>10}  {'ratio':>6}  same answer")
     for r in rows:
         print(f"{r['case']:>18}  {r['base_ms']:9.3f}  {r['current_ms']:10.3f}  {r['ratio']:6.3f}  {r['same_answer']}")

@@ -98,6 +98,7 @@ class StudyConfig:
     vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
     vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
     vq_search: str = "exact"  # the vqtok VQ / RVQ / SimVQ rows' search_precision (the same indices either way)
+    vq_decay: float = 0.99  # EMA decay of the vqtok VQ / RVQ rows' codebooks
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
@@ -455,6 +456,8 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
         where = dict(restart=cfg.vq_restart) if cfg.vq_restart != "random" else {}
         search = dict(search_precision=cfg.vq_search) if cfg.vq_search != "exact" else {}
         where.update(search)
+        if cfg.vq_decay != 0.99:
+            where["decay"] = cfg.vq_decay
         restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k),
                        estimator=cfg.vq_estimator, **where)
         rows += [

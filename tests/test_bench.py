@@ -161,6 +161,12 @@ def test_nearest_builds_ab_script(capsys, tmp_path):
     assert mod.main(["--base", str(so), "--cases", "64x16x8192", "--reps", "1", "--rounds", "1", "--threads", "1",
                      "--fast", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["rows"][0]["same_answer"] and "fast" in capsys.readouterr().out
+    for codebook in ("pairs", "zeros"):  # duplicated codes: both builds still agree
+        assert mod.main(["--base", str(so), "--cases", "100x8x64", "--reps", "1", "--rounds", "1", "--threads", "1",
+                         "--codebook", codebook, "--json", str(js)]) == 0
+        assert json.loads(js.read_text())["rows"][0]["same_answer"] and codebook in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--base", str(so), "--codebook", "ones"])
     with pytest.raises(ValueError, match="NxDxK"):
         mod.parse_cases("8x16")
     with pytest.raises(SystemExit):

@@ -93,6 +93,31 @@ def test_both_lane_update_variants(isa, precision, k):
     assert _raw(x, c)[2] == 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [16, 256])
+def test_duplicate_codes_are_searched_once(isa, precision, dtype, d):
+    # Exact duplicates (every code twice, and 100 zero codes as in an untouched codebook) tie
+    # exactly, and the lowest index wins. When 64 rows or more are left to re-decide, the exact
+    # search looks for duplicate codes and searches those rows again without the copies, so only
+    # genuine near-ties are re-decided. In fast mode the 100 zero codes exceed a row's 64
+    # candidates: those rows go to the exact search, copies set aside. Rows 32.. are small enough
+    # to be nearest to the zero codes.
+    k = 700
+    c = torch.randn(k, d)
+    c[1::2] = c[0::2]
+    c[100:200] = 0.0
+    x = 0.1 * torch.randn(96, d)
+    pairs = 300 + 2 * torch.arange(32)
+    x[:32] = c[pairs] + 1e-3 * torch.randn(32, d)
+    x, c = x.to(dtype), c.to(dtype)
+    idx = _check(x, c, isa, precision)
+    assert (idx[:32] == pairs).all() and (idx[32:] == 100).all()
+    assert _raw(x, c)[2] <= 2  # the exact search's re-decided rows (fast mode: the answer above)
+    # with fewer than 64 rows to re-decide, the copies stay: the same answer, each tied row re-decided
+    assert (_check(x[:40], c, isa, precision) == idx[:40]).all()
+    assert _raw(x[:40], c)[2] >= 32
+
+
 def _layout(n, k, d):
     from vqtok import _C
 

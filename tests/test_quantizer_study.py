@@ -353,6 +353,14 @@ def test_set_overrides_config_fields(qs):
         q = fast[fam, 10].build(qs.QUICK)
         assert all(m.search_precision == "fast" for m in q.modules() if hasattr(m, "search_precision"))
     assert all("search_precision" not in r.setup for r in qs.vqtok_rows(qs.QUICK))
+    # the EMA decay of the VQ / RVQ rows: recorded and built only where set (SimVQ has no EMA)
+    slow = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_decay=0.9"]))}
+    for fam in ("vq-ema-kmeans-restart", "vq-l2norm-dim8", "rvq-2x"):
+        assert slow[fam, 10].setup["decay"] == 0.9, fam
+        decays = {m.decay for m in slow[fam, 10].build(qs.QUICK).modules() if hasattr(m, "cluster_size")}
+        assert decays == {0.9}, fam
+    assert "decay" not in slow["vq-plain", 10].setup and "decay" not in slow["simvq", 10].setup
+    assert all("decay" not in r.setup for r in qs.vqtok_rows(qs.QUICK))
     for bad, match in (("nope=1", "KEY=VALUE"), ("seed", "KEY=VALUE"), ("steps=many", "int"),
                        ("held_in_usage=maybe", "bool")):
         with pytest.raises(ValueError, match=match):
