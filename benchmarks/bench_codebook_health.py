@@ -19,12 +19,11 @@ alternating with the current one's in this process, and adds the ratio of the me
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
 
-from vqtok.bench.report import format_table
+from vqtok.bench.report import format_table, print_rows
 from vqtok.bench.revision import add_against_option, against_cells, interleaved
 from vqtok.bench.revision import against as load_against
 from vqtok.metrics.codebook import CodebookHealth
@@ -91,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     against = load_against(args.against, "vqtok.quantizers.health", ap.error)
     rows = [measure(b, args.tokens, args.steps, args.reps, against=against) for b in bits]
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "threads": torch.get_num_threads()}, f, indent=2)
+    print_rows(table(rows), rows, args.json, torch.get_num_threads())
     return 0
 
 

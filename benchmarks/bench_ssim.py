@@ -19,14 +19,13 @@ one rep by rep.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from vqtok.bench.report import format_table
+from vqtok.bench.report import format_table, print_rows
 from vqtok.bench.revision import add_against_option, against_cells, interleaved
 from vqtok.bench.revision import against as load_against
 from vqtok.metrics import ssim
@@ -118,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     against = load_against(args.against, "vqtok.metrics.reconstruction", ap.error)
     rows = [measure(s, args.reps, not args.no_skimage, against) for s in shapes]
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "threads": torch.get_num_threads()}, f, indent=2)
+    print_rows(table(rows), rows, args.json, torch.get_num_threads())
     return 0
 
 

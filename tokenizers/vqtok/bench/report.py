@@ -78,6 +78,14 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def print_rows(text: str, rows: list[dict], json_path: str | Path | None, threads: int) -> None:
+    """A benchmark script's ending: its table, and its rows (with the torch threads) as JSON
+    when ``json_path`` is given."""
+    print(text)
+    if json_path:
+        write_json(json_path, {"rows": rows, "threads": threads})
+
+
 def _jsonable(o):
     if isinstance(o, float) and not math.isfinite(o):
         return None
