@@ -201,6 +201,23 @@ int64_t mark_duplicate_codes(const void* cb, DType t, int64_t k, int64_t d, cons
   return marked;
 }
 
+// Every code's norm, with the copies of lower-indexed codes at +inf (mark_duplicate_codes), and
+// the codebook's statistics (the copies count in them as the codes they equal).
+struct CodeNorms {
+  CodebookStats cs;
+  std::vector<float> norms;
+  int64_t copies = 0;
+};
+
+CodeNorms deduped_norms(const void* cb, DType t, int64_t k, int64_t d) {
+  CodeNorms r;
+  r.norms.resize(static_cast<size_t>(k));
+  std::vector<uint64_t> hashes(static_cast<size_t>(k));
+  r.cs = codebook_norms(cb, t, k, d, r.norms.data(), hashes.data());
+  r.copies = mark_duplicate_codes(cb, t, k, d, hashes.data(), r.norms.data());
+  return r;
+}
+
 // sum_j (x_j - c_j)^2 in double: sixteen partial sums s_i over j = i mod 16 (independent chains,
 // so the loop runs at the adds' throughput, not their latency; a last half step of 8 goes into
 // s_0 .. s_7), combined as a fixed tree:
@@ -466,19 +483,37 @@ struct Search {
 namespace nearest_detail {
 namespace {
 
-// dedupe: set exact duplicate codes aside before searching (mark_duplicate_codes); otherwise
-// that happens only when the first pass leaves kDedupMinRows rows or more to re-decide.
 NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d, DType dtype,
-                           int64_t* out_idx, float* out_dist, bool dedupe = false) {
+                           int64_t* out_idx, float* out_dist, const CodeNorms* dedup = nullptr);
+
+// The exact search on the rows `rows` of x (gathered), its answers written back to their rows;
+// returns its count of re-decided rows. dedup: as for nearest_exact.
+int64_t exact_on_rows(const void* x, const void* codebook, const std::vector<int64_t>& rows, int64_t k, int64_t d,
+                      DType dtype, int64_t* out_idx, float* out_dist, const CodeNorms* dedup) {
+  const int64_t nr = static_cast<int64_t>(rows.size()), es = dtype == DType::F32 ? 4 : 2;
+  std::vector<uint8_t> xs(rows.size() * static_cast<size_t>(d * es));
+  for (int64_t i = 0; i < nr; ++i)
+    std::memcpy(xs.data() + i * d * es, static_cast<const uint8_t*>(x) + rows[i] * d * es, static_cast<size_t>(d * es));
+  std::vector<int64_t> ri(rows.size());
+  std::vector<float> rd(rows.size());
+  const int64_t redecided = nearest_exact(xs.data(), codebook, nr, k, d, dtype, ri.data(), rd.data(), dedup).exact_rows;
+  for (int64_t i = 0; i < nr; ++i) out_idx[rows[i]] = ri[i], out_dist[rows[i]] = rd[i];
+  return redecided;
+}
+
+// dedup: the codebook's norms with its duplicate codes set aside (deduped_norms), used instead of
+// computing them; without it, that happens only when the first pass leaves kDedupMinRows rows or
+// more to re-decide and the codebook has copies (those rows are then searched again with it).
+NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d, DType dtype,
+                           int64_t* out_idx, float* out_dist, const CodeNorms* dedup) {
   Search S(pick_kernel(d), x, codebook, dtype, n, k, d);
   const DirectForm df;
   NearestStats stats;
   stats.isa = S.kern.name;
   if (n <= 0) return stats;
   const int mr = S.kern.mr;
-  std::vector<uint64_t> hashes(dedupe ? static_cast<size_t>(k) : 0);
-  const CodebookStats cs = codebook_norms(codebook, dtype, k, d, S.cnorm.data(), dedupe ? hashes.data() : nullptr);
-  if (dedupe) mark_duplicate_codes(codebook, dtype, k, d, hashes.data(), S.cnorm.data());
+  if (dedup != nullptr) S.cnorm = dedup->norms;
+  const CodebookStats cs = dedup != nullptr ? dedup->cs : codebook_norms(codebook, dtype, k, d, S.cnorm.data());
 
   // Error bound of a score: gamma_m with m = d + 2 roundings for FMA chains (2d + 2 otherwise).
   const double u = std::ldexp(1.0, -24), m = (S.kern.fma ? 1.0 : 2.0) * d + 2.0;
@@ -504,7 +539,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
   std::vector<int64_t> redo;        // rows whose gap is inside the bound
   std::vector<double> redo_dist;    // their best direct-form distance so far
   int64_t exact_rows = 0;
-  bool again = false;  // duplicate codes found: the rows to re-decide are searched again without them
+  CodeNorms found;  // the copies found after the first pass: the rows to re-decide are searched again without them
+  bool again = false;
 
   // Half the largest gap a row's computed scores can show without proving its winner (see the
   // file comment); infinite past the bound's range.
@@ -594,11 +630,9 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     {
       std::sort(redo.begin(), redo.end());
       redo_dist.assign(redo.size(), std::numeric_limits<double>::infinity());
-      if (!dedupe && static_cast<int64_t>(redo.size()) >= kDedupMinRows) {
-        std::vector<uint64_t> h(static_cast<size_t>(k));
-        std::vector<float> marks(static_cast<size_t>(k));
-        codebook_norms(codebook, dtype, k, d, marks.data(), h.data());
-        again = mark_duplicate_codes(codebook, dtype, k, d, h.data(), marks.data()) > 0;
+      if (dedup == nullptr && static_cast<int64_t>(redo.size()) >= kDedupMinRows) {
+        found = deduped_norms(codebook, dtype, k, d);
+        again = found.copies > 0;
       }
     }  // implicit barrier
     if (!again) {
@@ -658,17 +692,8 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
     exact_rows = nredo;
     }  // !again
   }
-  if (again) {  // the rows to re-decide, searched again with the duplicate codes set aside
-    const int64_t nr = static_cast<int64_t>(redo.size()), es = dtype == DType::F32 ? 4 : 2;
-    std::vector<uint8_t> xs(static_cast<size_t>(nr * d * es));
-    for (int64_t i = 0; i < nr; ++i)
-      std::memcpy(xs.data() + i * d * es, static_cast<const uint8_t*>(x) + redo[i] * d * es,
-                  static_cast<size_t>(d * es));
-    std::vector<int64_t> ri(redo.size());
-    std::vector<float> rd(redo.size());
-    exact_rows = nearest_exact(xs.data(), codebook, nr, k, d, dtype, ri.data(), rd.data(), true).exact_rows;
-    for (int64_t i = 0; i < nr; ++i) out_idx[redo[i]] = ri[i], out_dist[redo[i]] = rd[i];
-  }
+  if (again)  // the rows to re-decide, searched again with the duplicate codes set aside
+    exact_rows = exact_on_rows(x, codebook, redo, k, d, dtype, out_idx, out_dist, &found);
   stats.exact_rows = exact_rows;
   return stats;
 }
@@ -851,16 +876,9 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   stats.isa = "amx-bf16";
   stats.exact_rows = static_cast<int64_t>(fallback.size());
   if (!fallback.empty()) {  // the exact search on the gathered rows
-    const int64_t nf = stats.exact_rows, es = dtype == DType::F32 ? 4 : 2;
-    std::vector<uint8_t> xs(static_cast<size_t>(nf * d * es));
-    for (int64_t i = 0; i < nf; ++i)
-      std::memcpy(xs.data() + i * d * es, static_cast<const uint8_t*>(x) + fallback[i] * d * es,
-                  static_cast<size_t>(d * es));
-    std::vector<int64_t> fi(static_cast<size_t>(nf));
-    std::vector<float> fd(static_cast<size_t>(nf));
     // (more than kFastCap candidates: on duplicated codes, most likely; set them aside at once)
-    nearest_exact(xs.data(), codebook, nf, k, d, dtype, fi.data(), fd.data(), nf >= kDedupMinRows);
-    for (int64_t i = 0; i < nf; ++i) out_idx[fallback[i]] = fi[i], out_dist[fallback[i]] = fd[i];
+    const CodeNorms dd = stats.exact_rows >= kDedupMinRows ? deduped_norms(codebook, dtype, k, d) : CodeNorms{};
+    exact_on_rows(x, codebook, fallback, k, d, dtype, out_idx, out_dist, dd.norms.empty() ? nullptr : &dd);
   }
   return stats;
 }
