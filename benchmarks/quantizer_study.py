@@ -221,7 +221,8 @@ def held_out_codebook_health(model: nn.Module, photos: list[torch.Tensor], tile:
     """Codebook health over ``dense_views`` of the held-out photos (encoder + quantizer only).
 
     Returns vqtok.evaluate.codebook_stats of the whole-set histogram (per layer for residual
-    quantizers, whose usage / perplexity are the mean over layers, as in ``vqtok.evaluate``).
+    quantizers, whose usage / perplexity are the mean over layers, as in ``vqtok.evaluate``), and
+    the histogram itself (``counts``, int64 [layers, K]).
     """
     from vqtok.evaluate import codebook_stats
 
@@ -241,7 +242,7 @@ def held_out_codebook_health(model: nn.Module, photos: list[torch.Tensor], tile:
     per_layer = [codebook_stats(c) for c in counts]
     out = {key: sum(s[key] for s in per_layer) / layers for key in ("usage", "perplexity")}
     out.update(dead_codes=min(s["dead_codes"] for s in per_layer), tokens=per_layer[0]["tokens"],
-               collapse=any(s["collapse"] for s in per_layer))
+               collapse=any(s["collapse"] for s in per_layer), counts=counts)
     if layers > 1:
         out["layers"] = [{key: s[key] for key in ("usage", "perplexity", "dead_codes")} for s in per_layer]
     return out
@@ -622,9 +623,11 @@ def plan_steps(cfg: StudyConfig, done: int, step_s: float, base_s: float, steps:
 # one row: train, then evaluate on the held-out crops
 # --------------------------------------------------------------------------------------------
 def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
-            held_out_photos: list[torch.Tensor]) -> dict:
+            held_out_photos: list[torch.Tensor], keep: bool = False) -> dict:
     """Train one row, then evaluate: reconstruction on the ``held_out`` tiles, codebook health on
-    every ``dense_views`` view of ``held_out_photos``. The row's step time (the median of steps
+    every ``dense_views`` view of ``held_out_photos``. ``keep`` adds the trained ``model`` and the
+    per-code histograms (``code_counts``: "held_out", and "held_in" with ``held_in_usage``; int64
+    [layers, K]) to the result, for inspection (not JSON). The row's step time (the median of steps
     probe_steps+1 .. 2 probe_steps, after k-means init and warm-up, then its mean so far) against
     the autoencoder's own (``base_step_s``, measured first) sets its steps (``plan_steps``;
     ``steps`` in the result); a row whose steps then run past 1.25 x that budget, or
@@ -684,11 +687,13 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     t1 = time.perf_counter()
     layers = int(getattr(quantizer, "num_quantizers", 1) or 1)
     health = held_out_codebook_health(model, held_out_photos, cfg.eval_tile, layers)
-    extra = {}
+    extra = {"model": model, "code_counts": {"held_out": health["counts"]}} if keep else {}
     if cfg.held_in_usage:  # the same measurement on the training photos: separates shift from dead codes
         held_in = held_out_codebook_health(model, train.photos, cfg.eval_tile, layers)
-        extra = {"held_in_usage": held_in["usage"], "held_in_perplexity": held_in["perplexity"],
-                 "held_in_tokens": held_in["tokens"]}
+        extra.update(held_in_usage=held_in["usage"], held_in_perplexity=held_in["perplexity"],
+                     held_in_tokens=held_in["tokens"])
+        if keep:
+            extra["code_counts"]["held_in"] = held_in["counts"]
     k = int(quantizer.codebook_size)  # per layer for RVQ, whose usage is the mean over layers
     return {**base, **extra, "codebook_size": k**layers,
             "usage_ceiling": min(k, int(health["tokens"])) / k,  # the most usage these held-out tokens allow

@@ -135,6 +135,7 @@ def test_held_out_health_counts_every_layer(qs):
     assert h["tokens"] == idx.shape[0] == qs.dense_token_count(photos, 32)
     for layer, s in enumerate(h["layers"]):
         assert s["usage"] == pytest.approx(len(idx[:, layer].unique()) / 8)
+        assert torch.equal(h["counts"][layer], torch.bincount(idx[:, layer], minlength=8))
     assert h["usage"] == pytest.approx(sum(s["usage"] for s in h["layers"]) / 2)
 
 
@@ -444,3 +445,48 @@ def test_latent_norm_choice(qs, norm):
     row = [r for r in qs.vqtok_rows(cfg) if r.family == "fsq"][0]
     r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
     assert r["steps"] == 3 and r["latent_stats_batches"] == 3
+
+
+@pytest.fixture(scope="module")
+def unused():
+    return load_script("benchmarks/study_unused_codes.py")
+
+
+def test_unused_codes_restart_record_and_nearest_code(unused):
+    from vqtok.quantizers import build_quantizer
+
+    torch.manual_seed(0)
+    for threshold, expect in ((1e9, [1, 2]), (1e-30, [-1, -1])):  # every code dead each step / never
+        q = build_quantizer("vq", dim=4, codebook_size=16, learning="ema", dead_code_threshold=threshold)
+        last = unused.record_restarts(q)
+        q.train()
+        for step in expect:
+            q(torch.randn(32, 4))
+            assert (last == step).all()
+    with pytest.raises(ValueError, match="single-codebook"):
+        unused.record_restarts(build_quantizer("rvq", dim=4, codebook_size=8, num_quantizers=2))
+    codes = torch.randn(300, 5)
+    dist, idx = unused.nearest_other(codes, block=64)
+    full = torch.cdist(codes, codes).fill_diagonal_(torch.inf)
+    assert torch.equal(idx, full.argmin(1)) and torch.allclose(dist, full.min(1).values)
+
+
+def test_unused_codes_report_partitions_the_codebook(unused, tmp_path, capsys):
+    out = tmp_path / "unused.json"
+    row = "vq-ema-kmeans-restart/vqtok/2^10"
+    assert unused.main(["--row", row, "--quick", "--set", "steps=6", "--set", "probe_steps=1", "--crops", "40",
+                        "--json", str(out)]) == 0
+    assert row in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    r, groups = res["row"], {g["codes"]: g for g in res["groups"]}
+    k = 2**10
+    assert sum(g["n"] for g in groups.values()) == k
+    assert groups["unused held-in"]["n"] == round((1 - r["held_in_usage"]) * k)
+    assert groups["used on both"]["n"] <= round(r["usage"] * k)
+    assert r["fresh_crop_tokens"] == 40 * 64 and r["steps"] == 6 and r["restarts"] > 0
+    restarted = [g for g in groups.values() if g["n"] and g["last_restart_median"] is not None]
+    assert restarted and all(1 <= g["last_restart_median"] <= 6 for g in restarted)
+    assert sum(g["n"] - g["never_restarted"] for g in groups.values() if g["n"]) > 0
+    for bad in ("fsq/vqtok/2^10", "no-such-row/vqtok/2^10"):
+        with pytest.raises(SystemExit):
+            unused.main(["--row", bad, "--quick"])
