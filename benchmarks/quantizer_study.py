@@ -23,7 +23,7 @@ with the machine's speed) trains for the steps that budget pays for (the ``steps
 ``max_train_s``. ``--jobs N`` trains N rows at a time, each in its own process. k-means
 rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put back on the
 per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
-code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.6; 1.0:
+code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.9; 1.0:
 to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
 trick, vqtok's VQ rows the estimator ``vq_estimator`` and restarts ``vq_restart`` (and
 ``vq_search``, the search precision of the VQ / RVQ / SimVQ rows: a speed knob). Each vqtok
@@ -89,12 +89,12 @@ class StudyConfig:
     latent_dim: int = 16      # channels at the quantizer
     width: int = 48           # autoencoder channels
     lr: float = 2e-3
-    lr_decay: str = "constant"  # "constant" or "cosine" (to lr * lr_final over the row's steps)
-    lr_final: float = 0.0
+    lr_decay: str = "cosine"  # "constant" or "cosine" (to lr * lr_final over the row's steps)
+    lr_final: float = 0.1
     latent_norm: str = "running"  # latent standardisation: "running" (RunningStandardize) or "batch" (BatchNorm)
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
-    restart_stop: float = 0.6  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
+    restart_stop: float = 0.9  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
     vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
     vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
     vq_search: str = "exact"  # the vqtok VQ / RVQ / SimVQ rows' search_precision (the same indices either way)

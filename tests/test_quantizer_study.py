@@ -322,9 +322,9 @@ def test_held_in_usage_column(qs, tmp_path, capsys):
 
 
 def test_set_overrides_config_fields(qs):
-    cfg = qs.override(qs.QUICK, ["seed=3", "scales=0.5,1", "big_sizes=18", "lr_decay=cosine",
+    cfg = qs.override(qs.QUICK, ["seed=3", "scales=0.5,1", "big_sizes=18", "lr_decay=constant",
                                  "held_in_usage=true", "lfq_entropy=0.2,0.4,0.5"])
-    assert (cfg.seed, cfg.scales, cfg.big_sizes, cfg.lr_decay, cfg.held_in_usage) == (3, (0.5, 1.0), (18,), "cosine", True)
+    assert (cfg.seed, cfg.scales, cfg.big_sizes, cfg.lr_decay, cfg.held_in_usage) == (3, (0.5, 1.0), (18,), "constant", True)
     assert qs.lfq_entropy(cfg, 10) == dict(entropy_weight=0.2, temperature=0.4, per_sample_weight=0.5)
     # the big sizes (here 2^18, not in sizes) take lfq_entropy_big, which --set reaches alike
     assert qs.lfq_entropy(cfg, 18) == dict(entropy_weight=5.0, temperature=0.3, per_sample_weight=1.0)
@@ -369,9 +369,10 @@ def test_set_overrides_config_fields(qs):
 
 
 def test_learning_rate_schedules(qs):
-    cfg = qs.FULL
+    cfg = dataclasses.replace(qs.FULL, lr_decay="constant")
     assert {qs.learning_rate(cfg, s, 100) for s in (0, 50, 99)} == {cfg.lr}
     cos = dataclasses.replace(cfg, lr_decay="cosine", lr_final=0.1)
+    assert (qs.FULL.lr_decay, qs.FULL.lr_final) == ("cosine", 0.1)  # the study's schedule
     lrs = [qs.learning_rate(cos, s, 101) for s in range(101)]
     assert lrs[0] == pytest.approx(cfg.lr) and lrs[50] == pytest.approx(0.55 * cfg.lr)
     assert lrs[-1] == pytest.approx(0.1 * cfg.lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))
