@@ -14,6 +14,7 @@ for f in "$root"/kernels/cpu/*.cpp; do
   b=$(basename "$f" .cpp)
   case $b in
     *_avx512) fl="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mfma -mf16c -mbmi2" ;;
+    *_avx512bf16) fl="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16" ;;
     *_amx) fl="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mamx-tile -mamx-bf16" ;;
     *_avx2) fl="-mavx2 -mfma -mf16c -mbmi2" ;;
     *) fl="" ;;

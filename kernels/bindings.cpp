@@ -59,8 +59,18 @@ void bind_nearest(py::module_& m) {
         "out_dist (n float32). fast: the certified bf16 path where nearest_fast_isa() is not empty "
         "(same answer). Returns (rows re-decided in the direct form, or in fast mode rows sent to the "
         "exact search; ISA used).");
-  m.def("nearest_fast_isa", [] { return std::string(vqtok::nearest_fast_available() ? "amx-bf16" : ""); },
-        "The kernel nearest_code_l2(fast=True) can run here: 'amx-bf16', or '' when it runs the exact path.");
+  m.def("nearest_fast_isa", [] { return std::string(vqtok::nearest_fast_kernel()); },
+        "The kernel nearest_code_l2(fast=True) runs here now: 'amx-bf16', 'avx512-bf16', or '' when it "
+        "runs the exact path (VQTOK_ISA and VQTOK_NEAREST_FAST_KERNEL are read at each call).");
+  m.def(
+      "nearest_fast_kernels",
+      [] {
+        py::list out;
+        for (const char* name : {"amx-bf16", "avx512-bf16"})
+          if (vqtok::nearest_fast_kernel_usable(name)) out.append(name);
+        return out;
+      },
+      "The fast mode's kernels this CPU can run (VQTOK_NEAREST_FAST_KERNEL picks one of them).");
   m.def(
       "nearest_layout",
       [](int64_t n, int64_t k, int64_t d) {
@@ -79,7 +89,7 @@ void bind_nearest(py::module_& m) {
       "How the exact search at the active SIMD level splits n rows x k codes of d features: "
       "rows_per_tile, codes_per_chunk, codes_per_panel, rows_per_block, rows_per_super_block (0: none).");
   m.def("nearest_fast_runs", &vqtok::nearest_fast_runs, py::arg("k"), py::arg("d"),
-        "True when nearest_code_l2(fast=True) takes the AMX path for k codes of d features (by size; "
+        "True when nearest_code_l2(fast=True) takes the bf16 path for k codes of d features (by size; "
         "VQTOK_NEAREST_FAST=always forces it).");
 }
 
@@ -436,7 +446,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
     d["detected_isa"] = std::string(vqtok::isa_name(vqtok::detected_isa()));
     d["avx512_bf16"] = vqtok::has_avx512_bf16();
-    d["nearest_fast"] = std::string(vqtok::nearest_fast_available() ? "amx-bf16" : "exact path");
+    d["nearest_fast"] = std::string(vqtok::nearest_fast_available() ? vqtok::nearest_fast_kernel() : "exact path");
     return d;
   });
 }

@@ -1,6 +1,6 @@
 """The cpp nearest-code kernel under every SIMD level this CPU has, in exact and certified fast
-mode (AMX-BF16 scores where the CPU has them), against the float64 oracle, plus the argument
-checks of its pybind11 binding."""
+mode (with each bf16 scoring kernel the CPU has: AMX-BF16, AVX512-BF16), against the float64
+oracle, plus the argument checks of its pybind11 binding."""
 
 import pytest
 import torch
@@ -32,11 +32,24 @@ def isa(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["exact", "fast"])
+def _fast_kernels():
+    """The certified fast mode's bf16 kernels this CPU runs (each is tested), or ["none"]."""
+    if unavailable_reason("cpp") is not None:
+        return ["none"]
+    from vqtok import _C
+
+    return list(_C.nearest_fast_kernels()) or ["none"]
+
+
+@pytest.fixture(params=["exact"] + [f"fast-{k}" for k in _fast_kernels()])
 def precision(request, monkeypatch):
-    # the AMX path even for the small shapes here (by default they run the fp32 kernel)
+    # the bf16 path even for the small shapes here (by default they run the fp32 kernel), with
+    # each kernel this CPU has (AMX CPUs also have AVX512-BF16)
     monkeypatch.setenv("VQTOK_NEAREST_FAST", "always")
-    return request.param
+    if request.param == "exact":
+        return "exact"
+    monkeypatch.setenv("VQTOK_NEAREST_FAST_KERNEL", request.param.removeprefix("fast-"))
+    return "fast"
 
 
 def _fast_isa():
@@ -238,12 +251,37 @@ def test_fast_mode_gives_the_exact_answer(isa, fast_always):
     x, c = torch.randn(64, 24), torch.randn(500, 24)
     _check(x, c, isa, precision="fast")
     ran = _raw(x, c, fast=True)[3]
-    assert ran == (_fast_isa() if isa == "avx512" and _fast_isa() else isa)
+    assert ran == (fast_always if isa == "avx512" and fast_always != "none" else isa)
 
 
-@pytest.fixture
-def fast_always(monkeypatch):
+def test_fast_kernel_choice_follows_the_environment(monkeypatch):
+    from vqtok import _C
+
+    kernels = _C.nearest_fast_kernels()
+    assert set(kernels) <= {"amx-bf16", "avx512-bf16"}
+    assert _C.build_info()["avx512_bf16"] == ("avx512-bf16" in kernels)
+    monkeypatch.delenv("VQTOK_ISA", raising=False)
+    monkeypatch.delenv("VQTOK_NEAREST_FAST_KERNEL", raising=False)
+    assert _fast_isa() == (kernels[0] if kernels else "")  # AMX first where both run
+    for name in kernels:
+        monkeypatch.setenv("VQTOK_NEAREST_FAST_KERNEL", name)
+        assert _fast_isa() == name
+    monkeypatch.setenv("VQTOK_NEAREST_FAST_KERNEL", "no-such-kernel")
+    assert _fast_isa() == ""
     monkeypatch.setenv("VQTOK_NEAREST_FAST", "always")
+    x, c = torch.randn(5, 8), torch.randn(70, 8)
+    assert _raw(x, c, fast=True)[3] == _C.active_isa()  # no kernel: the exact path
+    monkeypatch.delenv("VQTOK_NEAREST_FAST_KERNEL")
+    monkeypatch.setenv("VQTOK_ISA", "avx2")
+    assert _fast_isa() == ""
+
+
+@pytest.fixture(params=_fast_kernels())
+def fast_always(request, monkeypatch):
+    monkeypatch.setenv("VQTOK_NEAREST_FAST", "always")
+    if request.param != "none":
+        monkeypatch.setenv("VQTOK_NEAREST_FAST_KERNEL", request.param)
+    return request.param
 
 
 def _need_fast(isa):

@@ -712,20 +712,20 @@ inline float round_up_f(double v) {
 
 }  // namespace
 
-// Certified fast mode. Scores come from bf16-rounded x and codes (AMX TDPBF16PS: exact bf16
-// products, fp32 accumulation). Bound of one approximate score s~ against the exact
+// Certified fast mode. Scores come from bf16-rounded x and codes (AMX TDPBF16PS or AVX512-BF16
+// VDPBF16PS: exact bf16 products, fp32 accumulation). Bound of one approximate score s~ against the exact
 // t = |c|^2 - 2 x.c, with u = 2^-8 (bf16 round to nearest), m = 2*d2 + 2 fp32 roundings (one per
 // product added, in any order, the norm's and the final norm + dot) counted at 2^-23 each (so a
 // truncating accumulator is covered too), g = m 2^-23 / (1 - m 2^-23), S >= sum_i |x_i c_i|:
 //   products:     |x^c^ - xc| <= (2u + u^2)|xc|          -> 2 (2u + u^2) S
 //   accumulation: g (|c|^2 + 2 (1 + u)^2 S)               -> g (max |c|^2 + 2 (1 + u)^2 S)
-//   flushing (TDPBF16PS has DAZ/FTZ): subnormal operands and results, a few 2^-126 quanta.
+//   flushing (both instructions have DAZ/FTZ): subnormal operands and results, a few 2^-126 quanta.
 // Every code whose s~ is within band = 2E + 2 delta of the lowest s~ is a candidate (delta bounds
 // the float64 direct-form error, so a code outside the band is strictly farther in that form
 // too); the candidates are decided in the float64 direct form (lowest index on ties). Rows with
 // more than kFastCap candidates, or values past the bound's range, run the exact search.
 NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
-                                  DType dtype, int64_t* out_idx, float* out_dist) {
+                                  DType dtype, FastKernel kern, int64_t* out_idx, float* out_dist) {
   constexpr int64_t CW = int64_t{kFastNRV} * kFastWidth, MR = kFastMR, CAP = kFastCap;
   const DirectForm df;
   std::vector<float> cnorm(static_cast<size_t>(k));
@@ -746,7 +746,8 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
     for (int64_t j = 0; j < d; ++j) cmax[j] = std::max(cmax[j], mine[j]);
   }
 
-  const int64_t d2 = (d + 1) / 2 <= 16 ? (d + 1) / 2 : round_up((d + 1) / 2, 16);  // pairs, tile steps
+  // feature pairs; AMX tiles take up to 16 pairs a step, so past 16 they fill whole steps
+  const int64_t d2 = (d + 1) / 2 <= 16 || kern != FastKernel::Amx ? (d + 1) / 2 : round_up((d + 1) / 2, 16);
   int64_t kp = std::max<int64_t>(CW, (int64_t{1} << 20) / (4 * d2) / CW * CW);
   kp = std::min(kp, round_up(k, CW));
   const int64_t mb = MR * 6;  // rows per block
@@ -846,7 +847,10 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
           FastBlockArgs a{xq + r0 * d2, std::min(mb, rpad - r0), d2, panel, pnorm, nch,
                           static_cast<int32_t>(c0), best + r0, thr + r0, band + r0,
                           count + r0, codes + r0 * CAP, scores + r0 * CAP};
-          fast_block_amx(a, c0 == 0 ? seed_steps : 0);
+          if (kern == FastKernel::Amx)
+            fast_block_amx(a, c0 == 0 ? seed_steps : 0);
+          else
+            fast_block_avx512bf16(a, c0 == 0 ? seed_steps : 0);
         }
       }
       // 3. Candidates within the final band, decided in the float64 direct form (rows take
@@ -873,7 +877,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   }
 
   NearestStats stats;
-  stats.isa = "amx-bf16";
+  stats.isa = kern == FastKernel::Amx ? "amx-bf16" : "avx512-bf16";
   stats.exact_rows = static_cast<int64_t>(fallback.size());
   if (!fallback.empty()) {  // the exact search on the gathered rows
     // (more than kFastCap candidates: on duplicated codes, most likely; set them aside at once)
@@ -892,15 +896,43 @@ void fast_block_amx(const FastBlockArgs&, int64_t) {}
 }  // namespace nearest_detail
 #endif
 
-bool nearest_fast_available() { return active_isa() == Isa::Avx512 && nearest_detail::amx_bf16_usable(); }
+namespace nearest_detail {
+FastKernel fast_kernel() {
+  if (active_isa() != Isa::Avx512) return FastKernel::None;
+  const char* env = std::getenv("VQTOK_NEAREST_FAST_KERNEL");
+  const bool any = env == nullptr || *env == '\0';
+  if ((any || std::strcmp(env, "amx-bf16") == 0) && amx_bf16_usable()) return FastKernel::Amx;
+  if ((any || std::strcmp(env, "avx512-bf16") == 0) && has_avx512_bf16()) return FastKernel::Avx512Bf16;
+  return FastKernel::None;
+}
+}  // namespace nearest_detail
+
+const char* nearest_fast_kernel() {
+  switch (nearest_detail::fast_kernel()) {
+    case nearest_detail::FastKernel::Amx: return "amx-bf16";
+    case nearest_detail::FastKernel::Avx512Bf16: return "avx512-bf16";
+    default: return "";
+  }
+}
+
+bool nearest_fast_available() { return nearest_detail::fast_kernel() != nearest_detail::FastKernel::None; }
+
+bool nearest_fast_kernel_usable(const char* name) {
+  if (detected_isa() != Isa::Avx512) return false;
+  if (std::strcmp(name, "amx-bf16") == 0) return nearest_detail::amx_bf16_usable();
+  return std::strcmp(name, "avx512-bf16") == 0 && has_avx512_bf16();
+}
 
 bool nearest_fast_runs(int64_t k, int64_t d) {
-  if (!nearest_fast_available()) return false;
+  const nearest_detail::FastKernel kern = nearest_detail::fast_kernel();
+  if (kern == nearest_detail::FastKernel::None) return false;
   const char* env = std::getenv("VQTOK_NEAREST_FAST");
   if (env != nullptr && std::strcmp(env, "always") == 0) return true;
-  // A TDPBF16PS costs the same for 1..32 features, and each 16 x 16 tile of scores still pays a
-  // store and a test: below ~k d^2 = 2^19 (d = 8: 8192 codes; d = 16: 2048; d = 32: 512) the
-  // fp32 register kernel is as fast or faster (measured on a 2-core Sapphire Rapids).
+  // Below ~k d^2 = 2^19 (d = 8: 8192 codes; d = 16: 2048; d = 32: 512) the fp32 register kernel
+  // is as fast or faster: the bands, the packing and the candidates' direct-form distances cost
+  // per row, and a TDPBF16PS costs the same for 1..32 features (measured on a 2-core Sapphire
+  // Rapids for AMX and a 2-core Zen 4 for AVX512-BF16, where the crossover fell between 2^18 and
+  // 2^20 at d = 8 and 16).
   return k * d * d >= (int64_t{1} << 19);
 }
 
@@ -911,7 +943,8 @@ NearestLayout nearest_layout(int64_t n, int64_t k, int64_t d) {
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool fast, int64_t* out_idx, float* out_dist) {
   if (fast && n > 0 && nearest_fast_runs(k, d))
-    return nearest_detail::nearest_code_l2_fast(x, codebook, n, k, d, dtype, out_idx, out_dist);
+    return nearest_detail::nearest_code_l2_fast(x, codebook, n, k, d, dtype, nearest_detail::fast_kernel(), out_idx,
+                                                out_dist);
   return nearest_detail::nearest_exact(x, codebook, n, k, d, dtype, out_idx, out_dist);
 }
 

@@ -19,6 +19,7 @@
 #endif
 
 #include "nearest_fast.h"
+#include "nearest_fast_capture.h"
 
 namespace vqtok::nearest_detail {
 namespace {
@@ -33,49 +34,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// The smallest float >= v (v finite, |v| < FLT_MAX).
-inline float round_up_f(double v) {
-  const float f = static_cast<float>(v);
-  if (static_cast<double>(f) >= v) return f;
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  b = f > 0.0f ? b + 1 : f < 0.0f ? b - 1 : 1u;  // one ulp up (0 -> the smallest subnormal)
-  float r;
-  std::memcpy(&r, &b, 4);
-  return r;
-}
-
-// Slow path of the epilogue: row `r` has a score <= thr among s[0..32) (codes base..base+31).
-// Visits only the lanes <= thr, in ascending code order, moving best / thr down first.
-__attribute__((noinline)) void capture(const FastBlockArgs& a, int64_t r, const float* s, int32_t base, int nl) {
-  int32_t& cnt = a.count[r];
-  float& best = a.best[r];
-  float& thr = a.thr[r];
-  int32_t* codes = a.codes + r * kFastCap;
-  float* sc = a.scores + r * kFastCap;
-  uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(thr), _CMP_LE_OQ);
-  if (nl > W) m |= uint32_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(s + W), _mm512_set1_ps(thr), _CMP_LE_OQ)) << 16;
-  while (m != 0) {
-    if (cnt > kFastCap) return;  // overflowed: the row goes the exact way
-    const int l = __builtin_ctz(m);
-    m &= m - 1;
-    const float val = s[l];
-    if (!(val <= thr)) continue;  // thr moved down since the mask was taken
-    if (val < best) {
-      best = val;
-      thr = round_up_f(static_cast<double>(val) + a.band[r]);
-    }
-    if (cnt == kFastCap) {  // full: drop entries the lower best has pushed out of the band
-      int keep = 0;
-      for (int i = 0; i < cnt; ++i)
-        if (sc[i] <= thr) codes[keep] = codes[i], sc[keep] = sc[i], ++keep;
-      cnt = keep == kFastCap ? kFastCap + 1 : keep;
-      if (cnt > kFastCap) return;
-    }
-    codes[cnt] = base + l;
-    sc[cnt] = val;
-    ++cnt;
-  }
+// Slow path of the epilogue: row `r` has a score <= thr among s[0..nl) (codes base..base+nl-1).
+inline void capture(const FastBlockArgs& a, int64_t r, const float* s, int32_t base, int nl) {
+  uint64_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(a.thr[r]), _CMP_LE_OQ);
+  if (nl > W) m |= uint64_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(s + W), _mm512_set1_ps(a.thr[r]), _CMP_LE_OQ)) << 16;
+  capture_lanes(a, r, s, base, m);
 }
 
 // Epilogue of one 16-row x 16-code step from its stored accumulator (cb: 16 x 16 dots):
@@ -216,12 +179,7 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps) {
       for (int i = 0; i < 16 * W; ++i) mins[i] = FLT_MAX;
       VQTOK_AMX_PIPELINE(seed_steps, VQTOK_SEED);
       for (int r = 0; r < 16; ++r) {
-        const float v = _mm512_reduce_min_ps(_mm512_load_ps(mins + r * W));
-        const int64_t row = r0 + r;
-        if (v < a.best[row] && a.thr[row] > -FLT_MAX) {  // not for padding / exact-path rows
-          a.best[row] = v;
-          a.thr[row] = round_up_f(static_cast<double>(v) + a.band[row]);
-        }
+        seed_row(a, r0 + r, _mm512_reduce_min_ps(_mm512_load_ps(mins + r * W)));
       }
     }
     if (nk == 1) {

@@ -23,7 +23,7 @@ struct NearestStats {
 // out_idx:  n int64, the chosen code per row (lowest index on exact ties).
 // out_dist: n float32, direct-form squared distance to the chosen code (double, rounded).
 // Sizes: n >= 0, 1 <= k < 2^31, d >= 1. `fast` asks for the certified low-precision path where
-// one runs (nearest_fast_runs()): bf16 scores on AMX tiles, every code inside the bf16
+// one runs (nearest_fast_runs()): bf16 scores (AMX tiles or AVX512-BF16), every code inside the bf16
 // error bound of the best kept as a candidate and decided in the float64 direct form; rows with
 // more than 64 candidates or values past the bound's range run the exact search. The answer is
 // identical to the exact mode's. Elsewhere `fast` runs the exact path.
@@ -33,13 +33,22 @@ struct NearestStats {
 // ~8 MiB of row state (rows are processed in super-blocks) plus 8 bytes per feature. Runs on all
 // OpenMP threads (one thread below ~1 ms of work); the SIMD level is chosen per call by
 // active_isa() (env VQTOK_ISA may lower it).
-// True when `fast` runs the AMX-BF16 path here: active_isa() is AVX-512 (VQTOK_ISA may lower
-// it) and the CPU has AMX-BF16 that the OS lets this process use.
+// The bf16 scoring kernel `fast` uses here: "amx-bf16" where active_isa() is AVX-512
+// (VQTOK_ISA may lower it) and the CPU has AMX-BF16 that the OS lets this process use, else
+// "avx512-bf16" where the CPU has AVX512-BF16, else "" (the exact path). The environment variable
+// VQTOK_NEAREST_FAST_KERNEL ("amx-bf16" or "avx512-bf16", read at each call) limits the choice to
+// that kernel (tests reach the AVX512-BF16 kernel on AMX CPUs with it).
+const char* nearest_fast_kernel();
+// True when the CPU (and OS) can run the fast mode's kernel `name` ("amx-bf16", "avx512-bf16"),
+// whatever VQTOK_ISA and VQTOK_NEAREST_FAST_KERNEL say.
+bool nearest_fast_kernel_usable(const char* name);
+// True when nearest_fast_kernel() is not empty.
 bool nearest_fast_available();
-// True when nearest_code_l2(fast = true) takes the AMX path for k codes of d features: where it
-// is available and k * d^2 >= 2^19 (smaller searches run the exact fp32 kernel, which is as
-// fast there), or always when the environment variable VQTOK_NEAREST_FAST is "always" (read at
-// each call; tests use it to reach the AMX path with small shapes).
+// True when nearest_code_l2(fast = true) takes the bf16 path for k codes of d features: where a
+// kernel is available and the search is large enough to gain (smaller searches run the exact
+// fp32 kernel, which is as fast there), or always when the environment variable
+// VQTOK_NEAREST_FAST is "always" (read at each call; tests use it to reach the bf16 path with
+// small shapes).
 bool nearest_fast_runs(int64_t k, int64_t d);
 
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,

@@ -11,9 +11,9 @@ share of indices equal to vqtok's exact answer, and the peak extra memory.
 
 Backends:
   cpp          vqtok.ops.nearest_code(..., backend="cpp") (exact; certified re-decisions included)
-  cpp_fast     the same with precision="fast": bf16 AMX scores where the CPU has AMX-BF16, every
-               candidate inside the bf16 error bound decided exactly (same answer; elsewhere it
-               runs the exact path)
+  cpp_fast     the same with precision="fast": bf16 scores where the CPU has AMX-BF16 or
+               AVX512-BF16, every candidate inside the bf16 error bound decided exactly (same
+               answer; elsewhere it runs the exact path)
   faiss        faiss.IndexFlatL2(D) with the codes added, search(x, 1) (add not timed)
   torch_cdist  torch.cdist(x, c).argmin(1) (materialises N x K)
   torch_addmm  chunks of rows: addmm(|c|^2, x, c^T, alpha=-2).argmin(1) (no N x K matrix)
@@ -160,7 +160,7 @@ def _fast_kernel(k: int, d: int) -> str:
         return "exact kernel"
     if c.nearest_fast_runs(k, d):
         return c.nearest_fast_isa()
-    return "fp32 kernel" + (" (k d^2 < 2^19)" if c.nearest_fast_isa() else " (no AMX-BF16)")
+    return "fp32 kernel" + (" (search too small)" if c.nearest_fast_isa() else " (no bf16 kernel)")
 
 
 def _time_interleaved(fns: dict, reps: int) -> dict:

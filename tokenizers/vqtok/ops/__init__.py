@@ -78,8 +78,9 @@ def nearest_code(
             dot products keep a few candidates per row, re-ranked exactly in fp32, with an exact
             fallback for rows inside the rounding-error bound). Both return the same answer;
             ``fast`` is only a speed knob and backends without a fast path run ``exact``. On
-            ``cpp`` the fast path scores with AMX-BF16 tiles (CPUs with AMX, searches with
-            K * D^2 >= 2^19) and decides every code inside the bf16 error bound in float64.
+            ``cpp`` the fast path scores in bf16 with AMX-BF16 tiles or AVX512-BF16 dot products
+            (CPUs with either, searches with K * D^2 >= 2^19) and decides every code inside the
+            bf16 error bound in float64.
 
     Returns:
         (indices int64 [N], distances float32 [N]); ties go to the lowest index. No N x K matrix
