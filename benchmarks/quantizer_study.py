@@ -15,7 +15,8 @@ whose training latents are standardised by each batch's own statistics). The lat
 18 bits projected from 16 channels are linearly dependent, and a Gaussian latent then reaches
 about half of the 2^18 sign patterns). Every row
 trains the same architecture from the same seed (``--seeds``: at each of several seeds) with AdamW
-on MSE + the quantizer's own loss for ``steps`` steps. The budget: a row whose steps (timed
+on MSE + the quantizer's own loss for ``steps`` steps, the learning rate falling from ``lr`` to
+``lr * lr_final`` on a cosine (``lr_decay``). The budget: a row whose steps (timed
 after ``probe_steps`` warm-up steps) cost more than ``budget`` x the autoencoder's own without a
 quantizer (``base_step_s``, timed just before in the same process, so the budget does not move
 with the machine's speed) trains for the steps that budget pays for (the ``steps`` column; the
