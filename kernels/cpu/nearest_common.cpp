@@ -750,7 +750,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   const int64_t d2 = (d + 1) / 2 <= 16 || kern != FastKernel::Amx ? (d + 1) / 2 : round_up((d + 1) / 2, 16);
   int64_t kp = std::max<int64_t>(CW, (int64_t{1} << 20) / (4 * d2) / CW * CW);
   kp = std::min(kp, round_up(k, CW));
-  const int64_t mb = MR * 6;  // rows per block
+  const int64_t mb = kFastBlockRows;  // rows per block
   // Rows per super-block: their bf16 rows and candidate lists take ~8 MiB at most.
   const int64_t sb = std::max(mb, std::min<int64_t>(32768, (int64_t{8} << 20) / (8 * d2 + 8 * CAP + 16)) / mb * mb);
   // Buffers reused across calls from the same thread (first-touch page faults of a fresh ~8 MiB
@@ -877,7 +877,7 @@ NearestStats nearest_code_l2_fast(const void* x, const void* codebook, int64_t n
   }
 
   NearestStats stats;
-  stats.isa = kern == FastKernel::Amx ? "amx-bf16" : "avx512-bf16";
+  stats.isa = fast_kernel_name(kern);
   stats.exact_rows = static_cast<int64_t>(fallback.size());
   if (!fallback.empty()) {  // the exact search on the gathered rows
     // (more than kFastCap candidates: on duplicated codes, most likely; set them aside at once)
@@ -905,15 +905,30 @@ FastKernel fast_kernel() {
   if ((any || std::strcmp(env, "avx512-bf16") == 0) && has_avx512_bf16()) return FastKernel::Avx512Bf16;
   return FastKernel::None;
 }
-}  // namespace nearest_detail
 
-const char* nearest_fast_kernel() {
-  switch (nearest_detail::fast_kernel()) {
-    case nearest_detail::FastKernel::Amx: return "amx-bf16";
-    case nearest_detail::FastKernel::Avx512Bf16: return "avx512-bf16";
+const char* fast_kernel_name(FastKernel kern) {
+  switch (kern) {
+    case FastKernel::Amx: return "amx-bf16";
+    case FastKernel::Avx512Bf16: return "avx512-bf16";
     default: return "";
   }
 }
+
+// nearest_fast_runs for the kernel `kern` (the environment read once per search).
+bool fast_runs(FastKernel kern, int64_t k, int64_t d) {
+  if (kern == FastKernel::None) return false;
+  const char* env = std::getenv("VQTOK_NEAREST_FAST");
+  if (env != nullptr && std::strcmp(env, "always") == 0) return true;
+  // Below ~k d^2 = 2^19 (d = 8: 8192 codes; d = 16: 2048; d = 32: 512) the fp32 register kernel
+  // is as fast or faster: the bands, the packing and the candidates' direct-form distances cost
+  // per row, and a TDPBF16PS costs the same for 1..32 features (measured on a 2-core Sapphire
+  // Rapids for AMX and a 2-core Zen 4 for AVX512-BF16, where the crossover fell between 2^18 and
+  // 2^20 at d = 8 and 16).
+  return k * d * d >= (int64_t{1} << 19);
+}
+}  // namespace nearest_detail
+
+const char* nearest_fast_kernel() { return nearest_detail::fast_kernel_name(nearest_detail::fast_kernel()); }
 
 bool nearest_fast_available() { return nearest_detail::fast_kernel() != nearest_detail::FastKernel::None; }
 
@@ -924,16 +939,7 @@ bool nearest_fast_kernel_usable(const char* name) {
 }
 
 bool nearest_fast_runs(int64_t k, int64_t d) {
-  const nearest_detail::FastKernel kern = nearest_detail::fast_kernel();
-  if (kern == nearest_detail::FastKernel::None) return false;
-  const char* env = std::getenv("VQTOK_NEAREST_FAST");
-  if (env != nullptr && std::strcmp(env, "always") == 0) return true;
-  // Below ~k d^2 = 2^19 (d = 8: 8192 codes; d = 16: 2048; d = 32: 512) the fp32 register kernel
-  // is as fast or faster: the bands, the packing and the candidates' direct-form distances cost
-  // per row, and a TDPBF16PS costs the same for 1..32 features (measured on a 2-core Sapphire
-  // Rapids for AMX and a 2-core Zen 4 for AVX512-BF16, where the crossover fell between 2^18 and
-  // 2^20 at d = 8 and 16).
-  return k * d * d >= (int64_t{1} << 19);
+  return nearest_detail::fast_runs(nearest_detail::fast_kernel(), k, d);
 }
 
 NearestLayout nearest_layout(int64_t n, int64_t k, int64_t d) {
@@ -942,9 +948,9 @@ NearestLayout nearest_layout(int64_t n, int64_t k, int64_t d) {
 
 NearestStats nearest_code_l2(const void* x, const void* codebook, int64_t n, int64_t k, int64_t d,
                              DType dtype, bool fast, int64_t* out_idx, float* out_dist) {
-  if (fast && n > 0 && nearest_fast_runs(k, d))
-    return nearest_detail::nearest_code_l2_fast(x, codebook, n, k, d, dtype, nearest_detail::fast_kernel(), out_idx,
-                                                out_dist);
+  const nearest_detail::FastKernel kern = fast && n > 0 ? nearest_detail::fast_kernel() : nearest_detail::FastKernel::None;
+  if (nearest_detail::fast_runs(kern, k, d))
+    return nearest_detail::nearest_code_l2_fast(x, codebook, n, k, d, dtype, kern, out_idx, out_dist);
   return nearest_detail::nearest_exact(x, codebook, n, k, d, dtype, out_idx, out_dist);
 }
 

@@ -13,8 +13,10 @@ constexpr int kFastWidth = 16;  // codes per tile column group
 constexpr int kFastMR = 16;     // rows per micro-tile (one 16-row tile)
 constexpr int kFastNRV = 4;     // groups per panel chunk: a chunk is 64 codes
 constexpr int kFastCap = 64;    // candidates kept per row; more and the row goes the exact way
+constexpr int kFastBlockRows = 6 * kFastMR;  // rows of a block (FastBlockArgs::rows is at most this)
 
-// One block of query rows (a multiple of kFastMR) against one packed bf16 panel.
+// One block of query rows (a multiple of kFastMR, at most kFastBlockRows) against one packed bf16
+// panel.
 //
 // Pairs of features travel as one 32-bit word of two bf16 (feature 2p in the low half, 2p+1 in
 // the high half; odd d is padded with a zero feature). Chunk q of the panel occupies
@@ -30,7 +32,7 @@ constexpr int kFastCap = 64;    // candidates kept per row; more and the row goe
 // (padding) never capture.
 struct FastBlockArgs {
   const uint32_t* xq;  // rows*d2 words (bf16 pairs), row-major
-  int64_t rows;        // a multiple of kFastMR
+  int64_t rows;        // a multiple of kFastMR, at most kFastBlockRows
   int64_t d2;          // feature pairs
   const uint32_t* panel;
   const float* norms;  // nchunks*CW floats
@@ -55,8 +57,10 @@ void fast_block_amx(const FastBlockArgs& a, int64_t seed_steps);
 void fast_block_avx512bf16(const FastBlockArgs& a, int64_t seed_steps);
 
 enum class FastKernel { None, Amx, Avx512Bf16 };
-// The scoring kernel the fast mode uses now (see nearest_fast_kernel() in nearest.h).
+// The scoring kernel the fast mode uses now (see nearest_fast_kernel() in nearest.h), and its name
+// ("amx-bf16", "avx512-bf16", "" for None).
 FastKernel fast_kernel();
+const char* fast_kernel_name(FastKernel kern);
 
 // The certified fast search (see nearest.h) with scoring kernel `kern` (not None); falls back to
 // the exact search for rows it cannot certify.

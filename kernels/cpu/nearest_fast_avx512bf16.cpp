@@ -82,23 +82,18 @@ void rows_x_chunks(const FastBlockArgs& a, int64_t q0, int64_t q1, float* mins) 
 }  // namespace
 
 // Seed pass as the AMX kernel's (nearest_fast_amx.cpp): the first seed_steps x 16 codes (at most
-// an eighth of the panel) give every row the minimum of their approximate scores first, so the main pass starts from a real
-// best and captures stay rare. The main pass then sweeps runs of chunks that fit in ~24 KiB
-// with every row tile of the block (the rows' bf16 pairs stay in L1/L2 beside them).
+// an eighth of the panel: they are scanned twice) give every row the minimum of their approximate
+// scores first, so the main pass starts from a real best and captures stay rare. The main pass
+// then sweeps runs of chunks that fit in ~24 KiB with every row tile of the block (the rows' bf16
+// pairs stay in L1/L2 beside them).
 void fast_block_avx512bf16(const FastBlockArgs& a, int64_t seed_steps) {
-  alignas(64) float mins[kFastMR * 6 * W];
-  // at most an eighth of the panel (at least one chunk): the seed pass is scanned twice
+  alignas(64) float mins[kFastBlockRows * W];
   const int64_t seed_chunks =
       seed_steps > 0 ? std::max<int64_t>(1, std::min<int64_t>(a.nchunks / 8, seed_steps * 16 / CW)) : 0;
-  for (int64_t r0 = 0; r0 < a.rows && seed_chunks > 0; r0 += kFastMR * 6) {
-    FastBlockArgs part = a;
-    const int64_t rows = std::min<int64_t>(kFastMR * 6, a.rows - r0);
-    part.xq = a.xq + r0 * a.d2, part.rows = rows, part.best = a.best + r0, part.thr = a.thr + r0,
-    part.band = a.band + r0, part.count = a.count + r0, part.codes = a.codes + r0 * kFastCap,
-    part.scores = a.scores + r0 * kFastCap;
-    for (int64_t i = 0; i < rows * W; ++i) mins[i] = FLT_MAX;
-    rows_x_chunks<true>(part, 0, seed_chunks, mins);
-    for (int64_t r = 0; r < rows; ++r) seed_row(part, r, _mm512_reduce_min_ps(_mm512_load_ps(mins + r * W)));
+  if (seed_chunks > 0) {
+    for (int64_t i = 0; i < a.rows * W; ++i) mins[i] = FLT_MAX;
+    rows_x_chunks<true>(a, 0, seed_chunks, mins);
+    for (int64_t r = 0; r < a.rows; ++r) seed_row(a, r, _mm512_reduce_min_ps(_mm512_load_ps(mins + r * W)));
   }
   const int64_t run = std::max<int64_t>(1, (24 << 10) / (a.d2 * CW * 4));  // chunks per L1 run
   for (int64_t q0 = 0; q0 < a.nchunks; q0 += run)
