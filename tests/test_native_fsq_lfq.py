@@ -123,7 +123,7 @@ def test_tanh_fast_path_gives_the_exact_bits(isa):
 
 @pytest.mark.parametrize(
     "levels",
-    [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [3] * 8, [4] * 9, [3] * 33, [2**30 + 3]],
+    [[8, 5, 5, 5], [2, 3], [7, 5, 5, 5, 5], [8, 8, 8, 6, 5], [3] * 8, [4] * 9, [3] * 16, [3] * 33, [2**30 + 3]],
 )
 @pytest.mark.parametrize("m", [1, 15, 17, 63, 1031])
 def test_fsq_forward_bits(isa, levels, m):
