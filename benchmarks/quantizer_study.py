@@ -623,6 +623,20 @@ def plan_steps(cfg: StudyConfig, done: int, step_s: float, base_s: float, steps:
 # --------------------------------------------------------------------------------------------
 # one row: train, then evaluate on the held-out crops
 # --------------------------------------------------------------------------------------------
+def build_model(row: Row, cfg: StudyConfig) -> StudyAE:
+    """The row's autoencoder around its quantizer. The encoder and decoder weights come from
+    ``cfg.seed`` alone, whatever the quantizer draws from torch's global generator when it is
+    built (its own draws come from a generator forked off at ``cfg.seed``): every row of one seed
+    starts from the same autoencoder, so rows compare in pairs, not through their init's luck."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 7919)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantizer = row.build(cfg)
+    torch.manual_seed(cfg.seed)
+    return StudyAE(quantizer, row.latent_dim(cfg), cfg.width, cfg.latent_norm)
+
+
 def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             held_out_photos: list[torch.Tensor], keep: bool = False) -> dict:
     """Train one row, then evaluate: reconstruction on the ``held_out`` tiles, codebook health on
@@ -641,11 +655,8 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     latent_dim = row.latent_dim(cfg)
     base_s = base_step_s(cfg, train, latent_dim)  # before the row's seeds: its crops and weights do not see it
     stop_s = min(cfg.max_train_s, 1.25 * cfg.budget * cfg.steps * base_s)
-    torch.manual_seed(cfg.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantizer = row.build(cfg)
-    model = StudyAE(quantizer, latent_dim, cfg.width, cfg.latent_norm)
+    model = build_model(row, cfg)
+    quantizer = model.quantizer
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     train.g.manual_seed(cfg.seed)
     t0 = time.perf_counter()

@@ -38,6 +38,27 @@ def test_rows_cover_every_family_and_size(qs):
     assert all(r.skip is None for r in peers if r.log2_codes <= 14)
 
 
+def test_rows_of_one_seed_start_from_the_same_autoencoder(qs):
+    """The encoder and decoder weights depend on the seed only: a VQ row (whose codebook init
+    draws from torch's generator) and an FSQ row (which draws nothing) get the same ones, so the
+    study's rows compare in pairs; another seed gives other weights, and so does no fork."""
+    cfg = dataclasses.replace(qs.QUICK, sizes=(10,), big_sizes=())
+    rows = {r.family: r for r in qs.vqtok_rows(cfg)}
+
+    def weights(model):
+        return {k: v for k, v in model.state_dict().items() if not k.startswith("quantizer.")}
+
+    vq, fsq = (weights(qs.build_model(rows[f], cfg)) for f in ("vq-ema-kmeans-restart", "fsq"))
+    assert vq.keys() == fsq.keys() and len(vq) > 4
+    assert all(torch.equal(vq[k], fsq[k]) for k in vq)
+    other = weights(qs.build_model(rows["fsq"], dataclasses.replace(cfg, seed=1)))
+    assert not torch.equal(other["encoder.0.weight"], vq["encoder.0.weight"])
+    torch.manual_seed(cfg.seed)  # without the fork, the VQ codebook's draws would shift the weights
+    rows["vq-ema-kmeans-restart"].build(cfg)
+    unforked = qs.StudyAE(torch.nn.Identity(), cfg.latent_dim, cfg.width, cfg.latent_norm)
+    assert not torch.equal(unforked.encoder[0].weight, vq["encoder.0.weight"])
+
+
 def test_lfq_rows_get_a_latent_channel_per_bit(qs, monkeypatch):
     """LFQ at 2^18 trains on an 18-channel latent (no 16 -> 18 projection); every other row on
     ``latent_dim`` channels, in the row's model and in its reference step alike."""
