@@ -100,6 +100,7 @@ class StudyConfig:
     vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
     vq_search: str = "exact"  # the vqtok VQ / RVQ / SimVQ rows' search_precision (the same indices either way)
     vq_decay: float = 0.99  # EMA decay of the vqtok VQ / RVQ rows' codebooks
+    vq_kmeans_seeding: str = "kmeans++"  # the vqtok VQ / RVQ rows' k-means seeding ("kmeans++" or "random")
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
@@ -460,6 +461,8 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
         where.update(search)
         if cfg.vq_decay != 0.99:
             where["decay"] = cfg.vq_decay
+        if cfg.vq_kmeans_seeding != "kmeans++":
+            where["kmeans_seeding"] = cfg.vq_kmeans_seeding
         restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k),
                        estimator=cfg.vq_estimator, **where)
         rows += [

@@ -53,7 +53,7 @@ def describe_setup(setup: dict, config: dict) -> str:
         if "decay" in s:
             parts.append(f"decay {s.pop('decay')}")
         if s.pop("kmeans_init", False):
-            parts.append("k-means")
+            parts.append("k-means" if s.pop("kmeans_seeding", "kmeans++") == "kmeans++" else "k-means (random seeds)")
         parts += _restarts(s, config, "dead_code_threshold")
         s.pop("dead_code_threshold", None)
         if s.pop("restart", "random") == "nearest":

@@ -29,6 +29,7 @@ from .kmeans import kmeans
 
 
 RESTARTS = ("random", "nearest")
+KMEANS_SEEDINGS = ("kmeans++", "random")
 
 
 class VectorQuantizer(Quantizer):
@@ -47,6 +48,9 @@ class VectorQuantizer(Quantizer):
         codebook_weight: weight of the codebook loss |sg(z) - q|^2 (learning="grad" only).
         kmeans_init: initialise the codebook by k-means on the first training batch.
         kmeans_iters: Lloyd iterations of that initialisation.
+        kmeans_seeding: how that k-means picks its first centres: "kmeans++" (D^2 sampling, which
+            favours outlying tokens) or "random" (distinct tokens drawn uniformly, so the centres
+            start where the tokens are dense).
         dead_code_threshold: restart codes whose EMA count per step falls below this (0: never).
         restart_buffer: rows of recent encoder outputs kept for restarts (default max(4096, K)).
         restart: where a dead code restarts: "random" (a random recent encoder output, Jukebox) or
@@ -80,6 +84,7 @@ class VectorQuantizer(Quantizer):
         codebook_weight: float = 1.0,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
+        kmeans_seeding: str = "kmeans++",
         dead_code_threshold: float = 0.0,
         restart_buffer: int | None = None,
         restart: str = "random",
@@ -97,6 +102,7 @@ class VectorQuantizer(Quantizer):
         C.check_choice("learning", learning, ("ema", "grad"))
         C.check_choice("estimator", estimator, C.ESTIMATORS)
         C.check_choice("restart", restart, RESTARTS)
+        C.check_choice("kmeans_seeding", kmeans_seeding, KMEANS_SEEDINGS)
         C.check_choice("search_precision", search_precision, C.SEARCH_PRECISIONS)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
@@ -107,6 +113,7 @@ class VectorQuantizer(Quantizer):
         self.decay, self.eps = float(decay), float(eps)
         self.beta, self.codebook_weight = float(beta), float(codebook_weight)
         self.kmeans_init, self.kmeans_iters, self.seed = bool(kmeans_init), int(kmeans_iters), int(seed)
+        self.kmeans_seeding = kmeans_seeding
         self.dead_code_threshold, self.restart = float(dead_code_threshold), restart
 
         k, dc = self.codebook_size, self.codebook_dim
@@ -295,8 +302,9 @@ class VectorQuantizer(Quantizer):
         """k-means on every rank's first batch (gathered, so every rank computes the same result)."""
         data = C.all_gather_rows(h)
         g = torch.Generator().manual_seed(self.seed)
-        centres, counts = kmeans(data, self.codebook_size, iters=self.kmeans_iters, generator=g,
-                                 backend=self.backend, metric=self.metric, precision=self.search_precision)
+        centres, counts = kmeans(data, self.codebook_size, iters=self.kmeans_iters, init=self.kmeans_seeding,
+                                 generator=g, backend=self.backend, metric=self.metric,
+                                 precision=self.search_precision)
         C.broadcast_(centres)
         C.broadcast_(counts)
         self.codebook.data.copy_(centres)
