@@ -357,6 +357,23 @@ def test_kmeans_recovers_separated_clusters():
         kmeans(x, 8, init="bogus")
 
 
+@pytest.mark.parametrize("seeding", ["kmeans++", "random"])
+def test_vq_kmeans_seeding_is_the_kmeans_init(seeding):
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(2))
+    m = VectorQuantizer(6, 32, learning="grad", kmeans_init=True, kmeans_iters=2, kmeans_seeding=seeding, seed=5)
+    m.train()(x)  # the gradient codebook is left as k-means made it
+    want, _ = kmeans(x, 32, iters=2, init=seeding, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(m.codebook.detach(), want)
+    other, _ = kmeans(x, 32, iters=2, init="random" if seeding == "kmeans++" else "kmeans++",
+                      generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(other, want)
+
+
+def test_vq_kmeans_seeding_is_checked():
+    with pytest.raises(ValueError, match="kmeans_seeding must be one of"):
+        VectorQuantizer(2, 4, kmeans_init=True, kmeans_seeding="farthest")
+
+
 # sizes where the cpp backend's certified fast search engages (K * Dc^2 >= 2^19) on AMX CPUs
 SEARCH_CASES = {
     "vq-kmeans-restart": ("vq", dict(dim=16, codebook_size=8192, kmeans_init=True, kmeans_iters=2,

@@ -56,6 +56,8 @@ def test_setup_words_follow_the_options(md):
              "search_precision": "fast", "newfangled": 3}
     assert md.describe_setup(setup, config) == \
         "EMA, decay 0.95, k-means, restart < 0.25/step to the end, nearest restarts, rotation trick, newfangled=3"
+    setup.update(kmeans_seeding="random")
+    assert md.describe_setup(setup, config).startswith("EMA, decay 0.95, k-means (random seeds), restart < 0.25/step")
     assert md.describe_setup({"quantizer": "lfq", "bits": 10, "entropy_weight": 0.1, "temperature": 0.3,
                               "per_sample_weight": 0.5}, config) == "entropy 0.1, τ 0.3, per-sample 0.5"
 
