@@ -26,8 +26,9 @@ rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put b
 per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
 code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.9; 1.0:
 to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
-trick, vqtok's VQ rows the estimator ``vq_estimator`` and restarts ``vq_restart`` (and
-``vq_search``, the search precision of the VQ / RVQ / SimVQ rows: a speed knob). Each vqtok
+trick, vqtok's VQ rows the estimator ``vq_estimator``, restarts ``vq_restart`` and k-means
+seeding ``vq_kmeans_seeding`` (the l2-normalised rows ``l2norm_kmeans_seeding``), and
+``vq_search`` is the search precision of the VQ / RVQ / SimVQ rows (a speed knob). Each vqtok
 row's ``setup`` (the build_quantizer arguments: restarts, entropy terms) is in the JSON. ``--set
 KEY=VALUE`` overrides any ``StudyConfig`` field.
 
@@ -101,6 +102,7 @@ class StudyConfig:
     vq_search: str = "exact"  # the vqtok VQ / RVQ / SimVQ rows' search_precision (the same indices either way)
     vq_decay: float = 0.99  # EMA decay of the vqtok VQ / RVQ rows' codebooks
     vq_kmeans_seeding: str = "kmeans++"  # the vqtok VQ / RVQ rows' k-means seeding ("kmeans++" or "random")
+    l2norm_kmeans_seeding: str = "random"  # the same for the l2-normalised dim-8 rows
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
@@ -461,18 +463,18 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
         where.update(search)
         if cfg.vq_decay != 0.99:
             where["decay"] = cfg.vq_decay
-        if cfg.vq_kmeans_seeding != "kmeans++":
-            where["kmeans_seeding"] = cfg.vq_kmeans_seeding
         restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k),
                        estimator=cfg.vq_estimator, **where)
+        seeding = {name: dict(kmeans_seeding=how) if how != "kmeans++" else {}
+                   for name, how in (("vq", cfg.vq_kmeans_seeding), ("l2norm", cfg.l2norm_kmeans_seeding))}
         rows += [
             _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad", **search),
-            _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart),
+            _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart, **seeding["vq"]),
             _vqtok_row("vq-l2norm-dim8", b, "vq", cfg, k, codebook_size=k, codebook_dim=8, metric="cosine",
-                       **restart),
+                       **restart, **seeding["l2norm"]),
             _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
                        kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator,
-                       **where),
+                       **where, **seeding["vq"]),
             _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std, beta=cfg.simvq_beta,
                        **search),
             _vqtok_row("bsq", b, "bsq", cfg, min_latent=b, bits=b, **BSQ_ENTROPY),
