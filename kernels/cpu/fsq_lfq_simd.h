@@ -305,8 +305,8 @@ inline void index_block_i32_pow2(const float* dig, int d, const int32_t* basis, 
     if (d >= 4) v = _mm512_add_epi32(v, _mm512_shuffle_epi32(v, _MM_PERM_BADC));  // + other pair
     if (d >= 8) v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, 0xB1));  // + other 128-bit lane
     if (d >= 16) v = _mm512_add_epi32(v, _mm512_shuffle_i32x4(v, v, 0x4E));  // + other 256-bit half
-    // compress in a register, then a masked store: the memory form of vpcompressd is microcoded
-    // on AMD Zen 4 (about 100 cycles each; it alone made the FSQ forward compute-bound there)
+    // compress in a register, then a masked store: the memory form of vpcompressd is a long
+    // microcoded sequence on AMD Zen 4, where it was most of the FSQ forward's time
     const __m512i packed = _mm512_maskz_compress_epi32(first, v);
     _mm512_mask_storeu_epi32(out + k * (16 / d), __mmask16((1u << (16 / d)) - 1u), packed);
   }
