@@ -442,6 +442,11 @@ def _restart_threshold(cfg: StudyConfig, k: int) -> float:
     return min(2.0, cfg.restart_share * cfg.tokens_per_step / k)
 
 
+def _seeding(how: str) -> dict:
+    """k-means seeding as a build argument, left out at the default (so the setup names only changes)."""
+    return {} if how == "kmeans++" else {"kmeans_seeding": how}
+
+
 def _vqtok_row(family: str, b: int, name: str, cfg: StudyConfig, init_codes: int = 0, min_latent: int = 0,
                **setup) -> Row:
     """A vqtok row: build_quantizer(name, dim=the row's latent channels, **setup); ``setup`` goes
@@ -465,16 +470,15 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
             where["decay"] = cfg.vq_decay
         restart = dict(learning="ema", kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, k),
                        estimator=cfg.vq_estimator, **where)
-        seeding = {name: dict(kmeans_seeding=how) if how != "kmeans++" else {}
-                   for name, how in (("vq", cfg.vq_kmeans_seeding), ("l2norm", cfg.l2norm_kmeans_seeding))}
         rows += [
             _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad", **search),
-            _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart, **seeding["vq"]),
+            _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart,
+                       **_seeding(cfg.vq_kmeans_seeding)),
             _vqtok_row("vq-l2norm-dim8", b, "vq", cfg, k, codebook_size=k, codebook_dim=8, metric="cosine",
-                       **restart, **seeding["l2norm"]),
+                       **restart, **_seeding(cfg.l2norm_kmeans_seeding)),
             _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
                        kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator,
-                       **where, **seeding["vq"]),
+                       **where, **_seeding(cfg.vq_kmeans_seeding)),
             _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std, beta=cfg.simvq_beta,
                        **search),
             _vqtok_row("bsq", b, "bsq", cfg, min_latent=b, bits=b, **BSQ_ENTROPY),

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from vqtok.ops import nearest_code
 
+SEEDINGS = ("kmeans++", "random")  # kmeans(init=...): D^2 sampling, or distinct rows drawn uniformly
+
 
 def _sample_rows(n: int, k: int, generator: torch.Generator, replacement: bool | None = None) -> torch.Tensor:
     rep = n < k if replacement is None else replacement
@@ -82,7 +84,7 @@ def kmeans(
     metric: "l2", or "cosine" (spherical k-means: centres are renormalised means).
     precision: ``nearest_code``'s, "exact" or "fast" (the same assignments; a speed knob).
     """
-    if init not in ("kmeans++", "random"):
+    if init not in SEEDINGS:
         raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty [N, D] matrix, got shape {tuple(x.shape)}")

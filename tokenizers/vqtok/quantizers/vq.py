@@ -25,11 +25,10 @@ from vqtok.ops import nearest_code
 from . import _common as C
 from .base import Quantizer, QuantizerOutput
 from .health import make_health
-from .kmeans import kmeans
+from .kmeans import SEEDINGS, kmeans
 
 
 RESTARTS = ("random", "nearest")
-KMEANS_SEEDINGS = ("kmeans++", "random")
 
 
 class VectorQuantizer(Quantizer):
@@ -102,7 +101,7 @@ class VectorQuantizer(Quantizer):
         C.check_choice("learning", learning, ("ema", "grad"))
         C.check_choice("estimator", estimator, C.ESTIMATORS)
         C.check_choice("restart", restart, RESTARTS)
-        C.check_choice("kmeans_seeding", kmeans_seeding, KMEANS_SEEDINGS)
+        C.check_choice("kmeans_seeding", kmeans_seeding, SEEDINGS)
         C.check_choice("search_precision", search_precision, C.SEARCH_PRECISIONS)
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay!r}")
