@@ -38,6 +38,10 @@ def test_cli_elementwise_tiny(tmp_path, capsys):
         assert r["ms"] > 0 and r["bytes"] > 0
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] * 1e-3) / 1e9)
         assert r["frac_memcpy"] == pytest.approx(r["gbps"] / m["memcpy_gbps"])
+    if unavailable_reason("cpp") is None:  # the FSQ kernels also apart: their bytes add up to the pair's
+        kern = {r["op"]: r for r in suite["rows"] if r.get("kind") == "kernel"}
+        assert kern["fsq-forward"]["ms"] > 0 and kern["fsq-backward"]["ms"] > 0
+        assert kern["fsq-forward"]["bytes"] + kern["fsq-backward"]["bytes"] == kern["fsq"]["bytes"]
     # the nearest suite did not run: no plot, and the reason is printed
     assert not png.exists() and "plot: skipped" in out
     assert (tmp_path / "bench.txt").read_text().startswith("== elementwise")

@@ -13,6 +13,9 @@ preallocated buffers. Bytes, the minimum traffic of fwd + bwd (fp32):
 * LFQ, B bits: forward reads z and writes codes + indices; the backward is the identity (no
   traffic): ``4 N (2 B + 1)``.
 
+The FSQ kernels are also timed apart (``fsq-forward``: ``4 N (2 d + 1)``; ``fsq-backward``:
+``12 N d``), to show which half holds the time.
+
 Peers (entropy off): vector-quantize-pytorch's ``FSQ`` module in training mode (fwd + bwd), and
 its ``LFQ``. Its LFQ builds the N x 2^B entropy softmax whenever it is in training mode, whatever
 ``entropy_loss_weight`` is, so the peer LFQ row is its eval-mode forward (rounding + indices
@@ -101,9 +104,15 @@ def _kernel_rows(cfg, zf, gf, zl) -> list[dict]:
     codes, grad_z = torch.empty_like(zf), torch.empty_like(zf)
     idx = torch.empty(n, dtype=torch.int32)
 
-    def fsq():
+    def fsq_forward():
         _C.fsq_forward(zf.data_ptr(), n, levels, 0, codes.data_ptr(), idx.data_ptr(), False)
+
+    def fsq_backward():
         _C.fsq_backward(gf.data_ptr(), zf.data_ptr(), n, levels, 0, grad_z.data_ptr())
+
+    def fsq():
+        fsq_forward()
+        fsq_backward()
 
     lcodes = torch.empty_like(zl)
     lidx = torch.empty(n, dtype=torch.int32 if cfg.lfq_bits <= 30 else torch.int64)
@@ -115,6 +124,10 @@ def _kernel_rows(cfg, zf, gf, zl) -> list[dict]:
     return [
         {"op": "fsq", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(fsq, cfg.reps),
          "bytes": _fsq_bytes(n, d)},
+        {"op": "fsq-forward", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(fsq_forward, cfg.reps),
+         "bytes": 4 * n * (2 * d + 1)},
+        {"op": "fsq-backward", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(fsq_backward, cfg.reps),
+         "bytes": 12 * n * d},
         {"op": "lfq", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(lfq, cfg.reps),
          "bytes": _lfq_bytes(n, cfg.lfq_bits)},
     ]
@@ -164,7 +177,9 @@ def run(quick: bool = False, tiny: bool = False, cfg: ElementwiseBenchConfig | N
     if cfg.peer:
         rows += _peer_rows(cfg)
     peer = {r["op"]: r["ms"] for r in rows if r.get("backend") == "vector-quantize-pytorch" and "ms" in r}
-    shape = {"fsq": f"N={cfg.n} levels={','.join(map(str, cfg.fsq_levels))}", "lfq": f"N={cfg.n} B={cfg.lfq_bits}"}
+    fsq_shape = f"N={cfg.n} levels={','.join(map(str, cfg.fsq_levels))}"
+    shape = {"fsq": fsq_shape, "fsq-forward": fsq_shape, "fsq-backward": fsq_shape,
+             "lfq": f"N={cfg.n} B={cfg.lfq_bits}"}
     for r in rows:
         r["shape"] = shape[r["op"]]
         if "ms" in r and r["op"] in peer:
