@@ -165,8 +165,9 @@ struct ScalarOps {
     *out = x > 0.0f ? 1.0f : -1.0f;
     return x > 0.0f;
   }
-  // index of each of W rows from a W x d block of float digits (int32 wrap-around arithmetic)
-  static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+  // index of each of W rows from a W x d block of float digits (int32 wrap-around arithmetic);
+  // lanes: basis[i % d] for lane i of a vector (W entries, precomputed once per call)
+  static void index_block_i32(const float* dig, int d, const int32_t* basis, const int32_t*, int32_t* out) {
     uint32_t acc = 0;
     for (int j = 0; j < d; ++j) acc += uint32_t(int32_t(dig[j])) * uint32_t(basis[j]);
     *out = int32_t(acc);
@@ -177,10 +178,9 @@ struct ScalarOps {
 // Indices of 8 rows whose d (2, 4 or 8) digits lie in d consecutive vectors of dig: digit * basis
 // per lane (int32 wrap-around, like the scalar loop), then in-lane horizontal adds
 // (_mm256_hadd_epi32 works within each 128-bit half) and one permutation into row order.
-inline void index_block_i32_pow2_avx2(const float* dig, int d, const int32_t* basis, int32_t* out) {
-  alignas(32) int32_t pat[8];
-  for (int i = 0; i < 8; ++i) pat[i] = basis[i % d];
-  const __m256i bp = _mm256_load_si256(reinterpret_cast<const __m256i*>(pat));
+// lanes: basis[i % d] for lane i (precomputed: building it here cost 8 integer divisions a block).
+inline void index_block_i32_pow2_avx2(const float* dig, int d, const int32_t* lanes, int32_t* out) {
+  const __m256i bp = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lanes));
   __m256i p[8];
   for (int k = 0; k < d; ++k) p[k] = _mm256_mullo_epi32(_mm256_cvttps_epi32(_mm256_loadu_ps(dig + k * 8)), bp);
   __m256i r;
@@ -274,9 +274,9 @@ struct Avx2Ops {
     _mm256_storeu_ps(out, _mm256_blendv_ps(_mm256_set1_ps(-1.0f), _mm256_set1_ps(1.0f), pos));
     return uint32_t(_mm256_movemask_ps(pos));
   }
-  static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+  static void index_block_i32(const float* dig, int d, const int32_t* basis, const int32_t* lanes, int32_t* out) {
     if (d == 2 || d == 4 || d == 8) {  // rows never straddle a vector: no gathers
-      index_block_i32_pow2_avx2(dig, d, basis, out);
+      index_block_i32_pow2_avx2(dig, d, lanes, out);
       return;
     }
     const __m256i rows = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(d));
@@ -294,10 +294,10 @@ struct Avx2Ops {
 // Indices of 16 rows whose d (a power of two up to 16) digits lie in d consecutive vectors of
 // dig: each vector holds 16/d whole rows. digit * basis per lane, then log2(d) shuffle-adds leave
 // each row's sum in its first lane (int32 wrap-around, like the scalar loop), compressed out.
-inline void index_block_i32_pow2(const float* dig, int d, const int32_t* basis, int32_t* out) {
-  alignas(64) int32_t pat[16];
-  for (int i = 0; i < 16; ++i) pat[i] = basis[i % d];
-  const __m512i bp = _mm512_load_si512(pat);
+// lanes: basis[i % d] for lane i (precomputed: building it here cost 16 integer divisions a
+// block, most of the forward's time on Zen 4).
+inline void index_block_i32_pow2(const float* dig, int d, const int32_t* lanes, int32_t* out) {
+  const __m512i bp = _mm512_loadu_si512(lanes);
   const __mmask16 first = d == 2 ? 0x5555 : d == 4 ? 0x1111 : d == 8 ? 0x0101 : 0x0001;
   for (int k = 0; k < d; ++k) {
     __m512i v = _mm512_mullo_epi32(_mm512_cvttps_epi32(_mm512_loadu_ps(dig + k * 16)), bp);
@@ -394,9 +394,9 @@ struct Avx512Ops {
     _mm512_storeu_ps(out, _mm512_mask_blend_ps(pos, _mm512_set1_ps(-1.0f), _mm512_set1_ps(1.0f)));
     return pos;
   }
-  static void index_block_i32(const float* dig, int d, const int32_t* basis, int32_t* out) {
+  static void index_block_i32(const float* dig, int d, const int32_t* basis, const int32_t* lanes, int32_t* out) {
     if (d == 2 || d == 4 || d == 8 || d == 16) {  // rows never straddle a vector: no gathers
-      index_block_i32_pow2(dig, d, basis, out);
+      index_block_i32_pow2(dig, d, lanes, out);
       return;
     }
     const __m512i rows = _mm512_mullo_epi32(
@@ -526,7 +526,7 @@ struct FsqPatterns {
   std::vector<float> p;
   // threshold forward: [d][W] q_min and [n][d][W] thresholds (empty when th.n == 0)
   std::vector<float> qmin, thr;
-  std::vector<int32_t> basis32;
+  std::vector<int32_t> basis32, basis_lanes;  // basis [d]; basis_lanes [w]: basis[i % d] for lane i
   const double* grid = tanh_grid();
   int d = 0, w = 0, n = 0;
   FsqPatterns(const FsqArgs& a, int w_, const FsqThresholds* th = nullptr) : d(a.d), w(w_) {
@@ -548,6 +548,8 @@ struct FsqPatterns {
     }
     basis32.resize(d);
     for (int j = 0; j < d; ++j) basis32[j] = int32_t(uint32_t(uint64_t(a.basis[j])));
+    basis_lanes.resize(w);
+    for (int i = 0; i < w; ++i) basis_lanes[i] = basis32[i % d];
   }
   const float* at(int c, int k) const { return p.data() + (size_t(c) * d + k) * w; }
   const float* qmin_at(int k) const { return qmin.data() + size_t(k) * w; }
@@ -584,7 +586,7 @@ inline int fsq_forward_block(const FsqArgs& a, const FsqPatterns& pt, int64_t ro
       out[r] = int64_t(acc);
     }
   } else {
-    O::index_block_i32(dig, d, pt.basis32.data(), static_cast<int32_t*>(a.indices) + row);
+    O::index_block_i32(dig, d, pt.basis32.data(), pt.basis_lanes.data(), static_cast<int32_t*>(a.indices) + row);
   }
   return bad;
 }
