@@ -105,6 +105,7 @@ class StudyConfig:
     l2norm_kmeans_seeding: str = "random"  # the same for the l2-normalised dim-8 rows
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
+    simvq_proj_lr: float = 3.0  # SimVQ rows: learning rate of the linear map W, in multiples of the autoencoder's
     fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
     fsq_entropy_big: tuple = (0.03, 0.5)  # the same at ``big_sizes``
     lfq_entropy: tuple = (0.1, 0.3, 1.0)  # LFQ rows at ``sizes``: entropy weight, temperature, per-sample term's weight
@@ -430,6 +431,7 @@ class Row:
     init_codes: int = 0  # k-means rows: codes per layer to initialise from one large first batch
     setup: dict = dataclasses.field(default_factory=dict)  # how the quantizer was built (for the JSON)
     min_latent: int = 0  # the row's latent has max(cfg.latent_dim, min_latent) channels (LFQ: its bits)
+    lr_scales: dict = dataclasses.field(default_factory=dict)  # quantizer submodule -> multiple of the learning rate
 
     def latent_dim(self, cfg: StudyConfig) -> int:
         """Channels of this row's latent: ``cfg.latent_dim``, or more where the quantizer needs them."""
@@ -448,14 +450,17 @@ def _seeding(how: str) -> dict:
 
 
 def _vqtok_row(family: str, b: int, name: str, cfg: StudyConfig, init_codes: int = 0, min_latent: int = 0,
-               **setup) -> Row:
+               lr_scales: dict | None = None, **setup) -> Row:
     """A vqtok row: build_quantizer(name, dim=the row's latent channels, **setup); ``setup`` goes
-    into the JSON, with ``latent_dim`` where the row widens the latent (``min_latent``)."""
+    into the JSON, with ``latent_dim`` where the row widens the latent (``min_latent``) and
+    ``lr_scales`` where submodules of the quantizer train at a multiple of the learning rate."""
     from vqtok.quantizers import build_quantizer
 
-    recorded = {"quantizer": name, **setup, **({"latent_dim": min_latent} if min_latent > cfg.latent_dim else {})}
+    lr_scales = {k: v for k, v in (lr_scales or {}).items() if v != 1.0}
+    recorded = {"quantizer": name, **setup, **({"latent_dim": min_latent} if min_latent > cfg.latent_dim else {}),
+                **({"lr_scales": lr_scales} if lr_scales else {})}
     return Row(family, "vqtok", b, lambda c: build_quantizer(name, dim=max(c.latent_dim, min_latent), **setup),
-               init_codes=init_codes, setup=recorded, min_latent=min_latent)
+               init_codes=init_codes, setup=recorded, min_latent=min_latent, lr_scales=lr_scales)
 
 
 def vqtok_rows(cfg: StudyConfig) -> list[Row]:
@@ -480,7 +485,7 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
                        kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator,
                        **where, **_seeding(cfg.vq_kmeans_seeding)),
             _vqtok_row("simvq", b, "simvq", cfg, codebook_size=k, init_std=cfg.simvq_init_std, beta=cfg.simvq_beta,
-                       **search),
+                       lr_scales={"proj": cfg.simvq_proj_lr}, **search),
             _vqtok_row("bsq", b, "bsq", cfg, min_latent=b, bits=b, **BSQ_ENTROPY),
         ]
     for b in (*cfg.sizes, *cfg.big_sizes):
@@ -646,6 +651,18 @@ def build_model(row: Row, cfg: StudyConfig) -> StudyAE:
     return StudyAE(quantizer, row.latent_dim(cfg), cfg.width, cfg.latent_norm)
 
 
+def param_groups(model: StudyAE, row: Row) -> list[dict]:
+    """The optimiser's parameter groups, each with its ``lr_scale`` (the multiple of the schedule's
+    learning rate it trains at): the quantizer's submodules named in ``row.lr_scales`` at theirs
+    (SimVQ's linear map W, ``proj``, at ``simvq_proj_lr``), everything else at 1."""
+    groups, taken = [], set()
+    for name, scale in row.lr_scales.items():
+        params = list(model.quantizer.get_submodule(name).parameters())
+        taken.update(id(p) for p in params)
+        groups.append({"params": params, "lr_scale": float(scale)})
+    return [{"params": [p for p in model.parameters() if id(p) not in taken], "lr_scale": 1.0}, *groups]
+
+
 def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
             held_out_photos: list[torch.Tensor], keep: bool = False) -> dict:
     """Train one row, then evaluate: reconstruction on the ``held_out`` tiles, codebook health on
@@ -666,7 +683,7 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     stop_s = min(cfg.max_train_s, 1.25 * cfg.budget * cfg.steps * base_s)
     model = build_model(row, cfg)
     quantizer = model.quantizer
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(model, row), lr=cfg.lr, weight_decay=0.0)
     train.g.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     model.train()
@@ -680,7 +697,7 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     restarting, restarts, probe = True, [], []  # restarts: codes restarted at each step (vqtok rows)
     for step in range(cfg.steps):
         for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step, steps)
+            group["lr"] = group["lr_scale"] * learning_rate(cfg, step, steps)
         if restarting and step >= cfg.restart_stop * steps:
             stop_restarts(model.quantizer)
             restarting = False

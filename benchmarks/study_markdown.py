@@ -72,6 +72,8 @@ def describe_setup(setup: dict, config: dict) -> str:
     elif name == "simvq":
         parts.append(f"basis std {s.pop('init_std', '?')}")
         s.pop("beta", None)
+        for module, scale in s.pop("lr_scales", {}).items():
+            parts.append(f"{'W' if module == 'proj' else module} at {_num(scale)}x lr")
     elif name in ("fsq", "FSQ"):
         levels = s.pop("levels", [])
         text = ",".join(map(str, levels))

@@ -333,6 +333,44 @@ def test_restarts_stop_after_their_share_of_steps(qs, monkeypatch):
     assert qs.restarts_in({"usage": torch.tensor(0.5)}) is None
 
 
+def test_simvq_map_trains_at_its_multiple_of_the_learning_rate(qs, monkeypatch):
+    """SimVQ's linear map W (``proj``) gets its own optimiser group at ``simvq_proj_lr`` times the
+    schedule's rate, recorded in the row's setup; every other parameter trains at the rate itself,
+    and rows without ``lr_scales`` keep one group."""
+    cfg = dataclasses.replace(qs.QUICK, sizes=(10,), big_sizes=(), steps=3, probe_steps=1)
+    rows = {r.family: r for r in qs.vqtok_rows(cfg)}
+    simvq = rows["simvq"]
+    assert simvq.lr_scales == {"proj": 3.0} and simvq.setup["lr_scales"] == {"proj": 3.0}
+    model = qs.build_model(simvq, cfg)
+    groups = qs.param_groups(model, simvq)
+    assert [g["lr_scale"] for g in groups] == [1.0, 3.0]
+    assert groups[1]["params"] == [model.quantizer.proj.weight]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    fsq = rows["fsq"]
+    assert fsq.lr_scales == {} and "lr_scales" not in fsq.setup
+    assert [g["lr_scale"] for g in qs.param_groups(qs.build_model(fsq, cfg), fsq)] == [1.0]
+    off = {r.family: r for r in qs.vqtok_rows(dataclasses.replace(cfg, simvq_proj_lr=1.0))}["simvq"]
+    assert off.lr_scales == {} and "lr_scales" not in off.setup
+
+    # in a row: the schedule's rate for the autoencoder, three times it for W at every step
+    seen = []
+    real = qs.train_step
+
+    def spy(model, opt, x):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return real(model, opt, x)
+
+    monkeypatch.setattr(qs, "train_step", spy)
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    qs.run_row(simvq, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
+    row_steps = [lrs for lrs in seen if len(lrs) == 2]  # the autoencoder-only baseline's steps have one group
+    assert len(row_steps) == 3 and len(seen) == 3 + 3 * cfg.probe_steps
+    for step, (base, w) in enumerate(row_steps):
+        assert base == pytest.approx(qs.learning_rate(cfg, step, 3)) and w == pytest.approx(3 * base)
+
+
 def test_held_in_usage_column(qs, tmp_path, capsys):
     out = tmp_path / "study.json"
     assert qs.main(["--quick", "--steps", "3", "--rows", "fsq/vqtok", "--held-in-usage", "--json", str(out)]) == 0
