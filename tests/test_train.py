@@ -9,7 +9,7 @@ import yaml
 from vqtok.checkpoint import CheckpointError, load_model
 from vqtok.cli import main
 from vqtok.config import ConfigError, load_config
-from vqtok.train import lr_at, train
+from vqtok.train import lr_at, param_groups, train
 
 COMMON = ["train.steps=2", "train.batch_size=2", "train.ckpt_every=1", "train.keep_last=1", "train.log_every=1",
           "train.eval_batches=1", "train.threads=1", "data.train_samples=8", "data.eval_samples=2",
@@ -70,12 +70,55 @@ def test_lr_schedule():
     ("train.precision=fp8", "train.precision: must be one of"),
     ("quantizer.bogus=1", "quantizer.bogus"),
     ("optim.lr=1", "optim.lr: unknown section"),
+    ("train.lr_scales=3", "train.lr_scales: expected a mapping"),
+    ("train.lr_scales={quantizer.proj: 0}", "train.lr_scales['quantizer.proj']: expected a module path and a positive"),
+    ("train.lr_scales={quantizer.proj: x}", "expected a number"),
+    ("train.lr_scales={quantizer.nope: 2}", "the model has no module 'quantizer.nope'"),
 ])
 def test_bad_config_fails_before_training(override, match, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--preset", "demo", "--out", str(run), "--no-progress", "--set", override]) == 1
     assert match in capsys.readouterr().err
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+def test_lr_scales_give_a_module_its_multiple_of_the_learning_rate(tmp_path, monkeypatch):
+    """train.lr_scales: SimVQ's linear map in its own AdamW group at 3x the schedule's rate at every
+    step, everything else at the rate itself; the option survives config.json and resume."""
+    overrides = COMMON + TINY["demo"] + ["quantizer.name=simvq", "quantizer.dim=8", "quantizer.codebook_size=16",
+                                         "train.lr_scales={quantizer.proj: 3}", "train.warmup_steps=1"]
+    cfg = load_config("demo", None, overrides)
+    assert cfg.train.lr_scales == {"quantizer.proj": 3.0}
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append([(g["lr"], len(g["params"])) for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    gen = [s for s in seen if len(s) == 2]  # the autoencoder's optimiser (the demo has no discriminator)
+    assert len(gen) == 2
+    for step, ((base, n_rest), (w, n_w)) in enumerate(gen):
+        assert n_w == 1 and n_rest > 1
+        assert base == pytest.approx(lr_at(step, cfg.train.lr, 1, 2, cfg.train.min_lr_ratio))
+        assert w == pytest.approx(3 * base)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["lr_scales"] == {"quantizer.proj": 3.0}
+    saved["train"]["steps"] = 3  # resume: the saved optimiser keeps the groups and their multiples
+    seen.clear()
+    train(load_config(None, None, [], base=saved), run, resume=True, progress=False)
+    (base, _), (w, _) = [s for s in seen if len(s) == 2][-1]
+    assert base == pytest.approx(lr_at(2, cfg.train.lr, 1, 3, cfg.train.min_lr_ratio)) and w == pytest.approx(3 * base)
+    model, _ = load_model(run)
+    groups = param_groups(model, {"quantizer.proj": 2.0})
+    assert [g["lr_scale"] for g in groups] == [1.0, 2.0] and groups[1]["params"] == [model.quantizer.proj.weight]
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    assert [g["lr_scale"] for g in param_groups(model, {})] == [1.0]
+    with pytest.raises(ConfigError, match="shares parameters"):
+        param_groups(model, {"quantizer": 2.0, "quantizer.proj": 3.0})
 
 
 def test_yaml_config_and_overrides(tmp_path):

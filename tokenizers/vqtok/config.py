@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,9 @@ class TrainConfig:
     lr: float = 2e-4  # peak learning rate (AdamW)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
+    # module path -> multiple of the learning rate, e.g. {"quantizer.proj": 3.0}: SimVQ's linear map
+    # at 3x (the quantizer study's setting); every other parameter trains at the schedule's rate
+    lr_scales: dict[str, float] = field(default_factory=dict)
     warmup_steps: int = 100  # linear warm-up, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0: off
@@ -190,8 +194,14 @@ _SCI = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp`` (int, float, bool, str, list[int|float])."""
+    """Check ``value`` against the annotation ``tp`` (int, float, bool, str, list[int|float],
+    dict[str, float])."""
     origin = typing.get_origin(tp)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {kt.__name__} to {vt.__name__}, got {value!r}")
+        return {_coerce(f"{key} key", k, kt): _coerce(f"{key}[{k!r}]", v, vt) for k, v in value.items()}
     if origin is list:
         (elem,) = typing.get_args(tp)
         if isinstance(value, tuple):
@@ -335,6 +345,9 @@ def validate(cfg: Config) -> None:
     _positive(cfg, "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.eval_every",
               "train.eval_batches", "train.threads", "train.disc_lr", "loss.perceptual_weight", "loss.stft_weight",
               "loss.adv_weight", "loss.disc_start", "data.num_workers", "model.in_channels", allow_zero=True)
+    for path, scale in t.lr_scales.items():
+        if not path or not math.isfinite(scale) or scale <= 0:
+            raise ConfigError(f"train.lr_scales[{path!r}]: expected a module path and a positive multiple, got {scale}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as D
-from .config import Config, check_quantizer
+from .config import Config, ConfigError, check_quantizer
 from .data import build_dataset
 from .losses import TokenizerObjective, check_lpips_weights
 from .models import build_autoencoder, build_discriminator
@@ -44,6 +44,28 @@ def lr_at(step: int, base: float, warmup: int, total: int, min_ratio: float) -> 
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: nn.Module, lr_scales: dict[str, float]) -> list[dict]:
+    """AdamW groups, each with its ``lr_scale`` (the multiple of the schedule's learning rate it
+    trains at): the parameters of each module named in ``lr_scales`` (a path such as
+    ``quantizer.proj``) at its multiple, every other parameter at 1."""
+    groups, taken = [], set()
+    for path, scale in lr_scales.items():
+        try:
+            params = list(model.get_submodule(path).parameters())
+        except AttributeError:
+            q = getattr(model, "quantizer", None)
+            known = [f"quantizer.{n}" for n, m in q.named_children() if any(True for _ in m.parameters())] if q else []
+            raise ConfigError(f"train.lr_scales: the model has no module {path!r} (its quantizer's modules with "
+                              f"parameters: {', '.join(known) or 'none'})") from None
+        if not params or any(id(p) in taken for p in params):
+            why = "has no parameters" if not params else "shares parameters with another entry"
+            raise ConfigError(f"train.lr_scales: module {path!r} {why}")
+        taken.update(id(p) for p in params)
+        groups.append({"params": params, "lr_scale": float(scale)})
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    return [{"params": rest, "lr_scale": 1.0}, *groups]
 
 
 class WeightEMA:
@@ -207,7 +229,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
                                    lo.stft_weight, lo.quantizer_weight, lo.adv_weight, lo.disc_start,
                                    lo.adaptive_weight).to(device)
     disc = build_discriminator(cfg.model.modality, lo.disc_channels, lo.disc_layers).to(device) if lo.adv_weight > 0 else None
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, t.lr_scales), lr=t.lr, betas=tuple(t.betas),
+                            weight_decay=t.weight_decay)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=t.disc_lr or t.lr, betas=(0.5, 0.9)) if disc is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
@@ -254,7 +277,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
     for step in range(start, t.steps):
         lr = lr_at(step, t.lr, t.warmup_steps, t.steps, t.min_lr_ratio)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)  # absent in checkpoints saved before lr_scales
         x = next(it).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out = model(x)
