@@ -654,13 +654,11 @@ def build_model(row: Row, cfg: StudyConfig) -> StudyAE:
 def param_groups(model: StudyAE, row: Row) -> list[dict]:
     """The optimiser's parameter groups, each with its ``lr_scale`` (the multiple of the schedule's
     learning rate it trains at): the quantizer's submodules named in ``row.lr_scales`` at theirs
-    (SimVQ's linear map W, ``proj``, at ``simvq_proj_lr``), everything else at 1."""
-    groups, taken = [], set()
-    for name, scale in row.lr_scales.items():
-        params = list(model.quantizer.get_submodule(name).parameters())
-        taken.update(id(p) for p in params)
-        groups.append({"params": params, "lr_scale": float(scale)})
-    return [{"params": [p for p in model.parameters() if id(p) not in taken], "lr_scale": 1.0}, *groups]
+    (SimVQ's linear map W, ``proj``, at ``simvq_proj_lr``), everything else at 1; the same groups
+    as ``vqtok train``'s ``train.lr_scales``."""
+    from vqtok.train import param_groups as train_groups
+
+    return train_groups(model, {f"quantizer.{name}": scale for name, scale in row.lr_scales.items()})
 
 
 def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
