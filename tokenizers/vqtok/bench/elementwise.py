@@ -54,8 +54,16 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _fsq_forward_bytes(n: int, d: int) -> int:
+    return 4 * n * (2 * d + 1)  # reads z, writes codes and int32 indices
+
+
+def _fsq_backward_bytes(n: int, d: int) -> int:
+    return 12 * n * d  # reads the code gradient and z, writes z's gradient
+
+
 def _fsq_bytes(n: int, d: int) -> int:
-    return 4 * n * (5 * d + 1)
+    return _fsq_forward_bytes(n, d) + _fsq_backward_bytes(n, d)
 
 
 def _lfq_bytes(n: int, bits: int) -> int:
@@ -125,9 +133,9 @@ def _kernel_rows(cfg, zf, gf, zl) -> list[dict]:
         {"op": "fsq", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(fsq, cfg.reps),
          "bytes": _fsq_bytes(n, d)},
         {"op": "fsq-forward", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(fsq_forward, cfg.reps),
-         "bytes": 4 * n * (2 * d + 1)},
+         "bytes": _fsq_forward_bytes(n, d)},
         {"op": "fsq-backward", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(fsq_backward, cfg.reps),
-         "bytes": 12 * n * d},
+         "bytes": _fsq_backward_bytes(n, d)},
         {"op": "lfq", "backend": f"cpp-{isa}", "kind": "kernel", "ms": _median_ms(lfq, cfg.reps),
          "bytes": _lfq_bytes(n, cfg.lfq_bits)},
     ]

@@ -85,7 +85,7 @@ def kmeans(
     precision: ``nearest_code``'s, "exact" or "fast" (the same assignments; a speed knob).
     """
     if init not in SEEDINGS:
-        raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
+        raise ValueError(f"init must be one of {SEEDINGS}, got {init!r}")
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"x must be a non-empty [N, D] matrix, got shape {tuple(x.shape)}")
     if k < 1:
