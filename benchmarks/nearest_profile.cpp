@@ -9,7 +9,7 @@
 //   nearest_profile ceiling D REPS
 // the ceiling of the large-d micro-tile's instruction mix: its loop alone (AVX-512: 12 rows x 2
 // zmm, 24 accumulators, 12 broadcasts and 2 code loads per feature; AVX2: 4 rows x 3 ymm) over
-// D features of rows and codes held in L1, no epilogue, on every OpenMP thread, timed as the
+// one tile's rows and codes of D features again and again, no epilogue, on every OpenMP thread, timed as the
 // search is (wall clock, median of REPS), next to the FMA peak as `vqtok bench` measures it
 // (independent FMA chains, each thread's best rate on its own CPU clock).
 #include <algorithm>
