@@ -7,8 +7,8 @@
 // checksum of the indices (the same at every VQTOK_ISA level: the search is exact).
 //
 //   nearest_profile ceiling D REPS
-// the ceiling of the large-d micro-tile's instruction mix: its loop alone (AVX-512: 12 rows x 2
-// zmm, 24 accumulators, 12 broadcasts and 2 code loads per feature; AVX2: 4 rows x 3 ymm) over
+// the ceiling of the AVX-512 large-d micro-tile's instruction mix: its loop alone (12 rows x 2
+// zmm, 24 accumulators, 12 broadcasts and 2 code loads per feature) over
 // one tile's rows and codes of D features again and again, no epilogue, on every OpenMP thread, timed as the
 // search is (wall clock, median of REPS), next to the FMA peak as `vqtok bench` measures it
 // (independent FMA chains, each thread's best rate on its own CPU clock).
@@ -56,40 +56,12 @@ __attribute__((target("avx512f"), noinline)) float mix_avx512(const float* xp, c
   return _mm512_reduce_add_ps(t);
 }
 
-__attribute__((target("avx2,fma"), noinline)) float mix_avx2(const float* xp, const float* cp, int64_t d,
-                                                            int64_t passes) {
-  constexpr int MR = 4, NRV = 3, W = 8;
-  __m256 acc[MR][NRV];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm256_setzero_ps();
-  for (int64_t p = 0; p < passes; ++p)
-#pragma GCC unroll 4
-    for (int64_t j = 0; j < d; ++j) {
-      __m256 cv[NRV];
-#pragma GCC unroll 3
-      for (int v = 0; v < NRV; ++v) cv[v] = _mm256_loadu_ps(cp + j * NRV * W + v * W);
-#pragma GCC unroll 4
-      for (int r = 0; r < MR; ++r) {
-        const __m256 xb = _mm256_set1_ps(xp[j * MR + r]);
-#pragma GCC unroll 3
-        for (int v = 0; v < NRV; ++v) acc[r][v] = _mm256_fmadd_ps(xb, cv[v], acc[r][v]);
-      }
-    }
-  __m256 t = _mm256_setzero_ps();
-  for (auto& row : acc)
-    for (auto& a : row) t = _mm256_add_ps(t, a);
-  alignas(32) float l[8];
-  _mm256_store_ps(l, t);
-  return l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7];
-}
-
 int ceiling(int64_t d, int reps) {
-  const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (!avx512 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) {
-    std::fprintf(stderr, "ceiling needs AVX2 + FMA or AVX-512\n");
+  if (!__builtin_cpu_supports("avx512f")) {
+    std::fprintf(stderr, "ceiling needs AVX-512 (the 12 x 2 zmm micro-tile)\n");
     return 2;
   }
-  const int mr = avx512 ? 12 : 4, cw = avx512 ? 32 : 24;
+  constexpr int mr = 12, cw = 32;
   const int64_t fma_per_feature = int64_t{mr} * cw;  // one FMA per row and code lane
   const int64_t passes = std::max<int64_t>(1, (int64_t{1} << 28) / (fma_per_feature * d));  // 2^29 flops a round per thread
   const int threads = omp_get_max_threads();
@@ -101,7 +73,7 @@ int ceiling(int64_t d, int reps) {
 #pragma omp parallel
     {
       const float* xp = buf.data() + static_cast<size_t>(omp_get_thread_num()) * d * (mr + cw);
-      const float s = avx512 ? mix_avx512(xp, xp + d * mr, d, passes) : mix_avx2(xp, xp + d * mr, d, passes);
+      const float s = mix_avx512(xp, xp + d * mr, d, passes);
 #pragma omp atomic
       sink += s;
     }
@@ -110,8 +82,7 @@ int ceiling(int64_t d, int reps) {
   std::sort(times.begin(), times.end());
   const double mix = 2.0 * fma_per_feature * d * passes * threads / times[times.size() / 2] * 1e-9;
   const double peak = vqtok::fma_peak_gflops(0.3);
-  std::printf("isa %s threads %d d %lld mix_gflops %.1f fma_peak_gflops %.1f mix_of_peak %.3f\n",
-              avx512 ? "avx512" : "avx2", threads, static_cast<long long>(d), mix, peak, mix / peak);
+  std::printf("isa avx512 threads %d d %lld mix_gflops %.1f fma_peak_gflops %.1f mix_of_peak %.3f\n", threads, static_cast<long long>(d), mix, peak, mix / peak);
   return 0;
 }
 
