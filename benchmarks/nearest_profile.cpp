@@ -8,9 +8,9 @@
 //
 //   nearest_profile ceiling D REPS
 // the ceiling of the AVX-512 large-d micro-tile's instruction mix: its loop alone (12 rows x 2
-// zmm, 24 accumulators, 12 broadcasts and 2 code loads per feature) over
-// one tile's rows and codes of D features again and again, no epilogue, on every OpenMP thread, timed as the
-// search is (wall clock, median of REPS), next to the FMA peak as `vqtok bench` measures it
+// zmm, 24 accumulators, 12 broadcasts and 2 code loads per feature) over one tile's rows and
+// codes of D features again and again, no epilogue, on every OpenMP thread, timed as the search
+// is (wall clock, median of REPS), next to the FMA peak as `vqtok bench` measures it
 // (independent FMA chains, each thread's best rate on its own CPU clock).
 #include <algorithm>
 #include <chrono>
@@ -28,12 +28,14 @@
 
 namespace {
 
-// One pass of the micro-tile's feature loop over d features: xp holds the rows feature-major
-// (xp[j * MR + r]), cp the codes ([d][NRV * W]). Returns a sum of the accumulators so that
-// nothing is optimised away.
+// The large-d micro-tile's shape: MR rows x NRV vectors of W codes.
+constexpr int MR = 12, NRV = 2, W = 16;
+
+// `passes` runs of the micro-tile's feature loop over d features: xp holds the rows
+// feature-major (xp[j * MR + r]), cp the codes ([d][NRV * W]). Returns a sum of the
+// accumulators so that nothing is optimised away.
 __attribute__((target("avx512f"), noinline)) float mix_avx512(const float* xp, const float* cp, int64_t d,
                                                                int64_t passes) {
-  constexpr int MR = 12, NRV = 2, W = 16;
   __m512 acc[MR][NRV];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
@@ -61,19 +63,20 @@ int ceiling(int64_t d, int reps) {
     std::fprintf(stderr, "ceiling needs AVX-512 (the 12 x 2 zmm micro-tile)\n");
     return 2;
   }
-  constexpr int mr = 12, cw = 32;
-  const int64_t fma_per_feature = int64_t{mr} * cw;  // one FMA per row and code lane
-  const int64_t passes = std::max<int64_t>(1, (int64_t{1} << 28) / (fma_per_feature * d));  // 2^29 flops a round per thread
+  const int64_t fma_per_feature = int64_t{MR} * NRV * W;  // one FMA per row and code lane
+  // 2^29 flops a round per thread
+  const int64_t passes = std::max<int64_t>(1, (int64_t{1} << 28) / (fma_per_feature * d));
   const int threads = omp_get_max_threads();
+  const int64_t per_thread = d * (MR + NRV * W);  // one tile's rows, then its codes
   std::vector<double> times;
   volatile float sink = 0.0f;
-  std::vector<float> buf(static_cast<size_t>(threads) * d * (mr + cw) + 64, 0.5f);
+  std::vector<float> buf(static_cast<size_t>(threads * per_thread), 0.5f);
   for (int r = 0; r < reps + 1; ++r) {  // the first round warms up
     const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel
     {
-      const float* xp = buf.data() + static_cast<size_t>(omp_get_thread_num()) * d * (mr + cw);
-      const float s = mix_avx512(xp, xp + d * mr, d, passes);
+      const float* xp = buf.data() + omp_get_thread_num() * per_thread;
+      const float s = mix_avx512(xp, xp + d * MR, d, passes);
 #pragma omp atomic
       sink += s;
     }
@@ -82,7 +85,8 @@ int ceiling(int64_t d, int reps) {
   std::sort(times.begin(), times.end());
   const double mix = 2.0 * fma_per_feature * d * passes * threads / times[times.size() / 2] * 1e-9;
   const double peak = vqtok::fma_peak_gflops(0.3);
-  std::printf("isa avx512 threads %d d %lld mix_gflops %.1f fma_peak_gflops %.1f mix_of_peak %.3f\n", threads, static_cast<long long>(d), mix, peak, mix / peak);
+  std::printf("isa avx512 threads %d d %lld mix_gflops %.1f fma_peak_gflops %.1f mix_of_peak %.3f\n", threads,
+              static_cast<long long>(d), mix, peak, mix / peak);
   return 0;
 }
 
