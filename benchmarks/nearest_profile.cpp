@@ -10,8 +10,9 @@
 // the ceiling of the AVX-512 large-d micro-tile's instruction mix: its loop alone (12 rows x 2
 // zmm, 24 accumulators, 12 broadcasts and 2 code loads per feature) over one tile's rows and
 // codes of D features again and again, no epilogue, on every OpenMP thread, timed as the search
-// is (wall clock, median of REPS), next to the FMA peak as `vqtok bench` measures it
-// (independent FMA chains, each thread's best rate on its own CPU clock).
+// is (wall clock, median of REPS); then a loop of nothing but register FMAs (as many independent
+// chains as the micro-tile has accumulators, no loads) timed the same way; and the FMA peak as
+// `vqtok bench` measures it (independent FMA chains, each thread's best rate on its own CPU clock).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -58,6 +59,40 @@ __attribute__((target("avx512f"), noinline)) float mix_avx512(const float* xp, c
   return _mm512_reduce_add_ps(t);
 }
 
+// `iters` rounds of MR * NRV independent FMA chains held in registers: the wall-clock rate of the
+// FMA units alone, with the micro-tile's accumulator count and none of its loads.
+__attribute__((target("avx512f"), noinline)) float fma_only_avx512(float seed, int64_t iters) {
+  __m512 acc[MR * NRV];
+  for (int i = 0; i < MR * NRV; ++i) acc[i] = _mm512_set1_ps(seed + 0.001f * i);
+  const __m512 mul = _mm512_set1_ps(0.999999f), add = _mm512_set1_ps(1e-6f);
+  for (int64_t it = 0; it < iters; ++it)
+#pragma GCC unroll 24
+    for (auto& a : acc) a = _mm512_fmadd_ps(a, mul, add);
+  __m512 t = _mm512_setzero_ps();
+  for (auto& a : acc) t = _mm512_add_ps(t, a);
+  return _mm512_reduce_add_ps(t);
+}
+
+// GFLOP/s of `flops` per thread in one parallel region running `body(thread)`: wall clock,
+// median of `reps` rounds after one warm-up round (as the search is timed).
+template <class Body>
+double wall_gflops(double flops_per_thread, int reps, Body body) {
+  std::vector<double> times;
+  volatile float sink = 0.0f;
+  for (int r = 0; r < reps + 1; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel
+    {
+      const float s = body(omp_get_thread_num());
+#pragma omp atomic
+      sink += s;
+    }
+    if (r > 0) times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  return flops_per_thread * omp_get_max_threads() / times[times.size() / 2] * 1e-9;
+}
+
 int ceiling(int64_t d, int reps) {
   if (!__builtin_cpu_supports("avx512f")) {
     std::fprintf(stderr, "ceiling needs AVX-512 (the 12 x 2 zmm micro-tile)\n");
@@ -68,25 +103,19 @@ int ceiling(int64_t d, int reps) {
   const int64_t passes = std::max<int64_t>(1, (int64_t{1} << 28) / (fma_per_feature * d));
   const int threads = omp_get_max_threads();
   const int64_t per_thread = d * (MR + NRV * W);  // one tile's rows, then its codes
-  std::vector<double> times;
-  volatile float sink = 0.0f;
   std::vector<float> buf(static_cast<size_t>(threads * per_thread), 0.5f);
-  for (int r = 0; r < reps + 1; ++r) {  // the first round warms up
-    const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel
-    {
-      const float* xp = buf.data() + omp_get_thread_num() * per_thread;
-      const float s = mix_avx512(xp, xp + d * MR, d, passes);
-#pragma omp atomic
-      sink += s;
-    }
-    if (r > 0) times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(times.begin(), times.end());
-  const double mix = 2.0 * fma_per_feature * d * passes * threads / times[times.size() / 2] * 1e-9;
+  const double flops = 2.0 * fma_per_feature * d * passes;  // per thread and round
+  const double mix = wall_gflops(flops, reps, [&](int t) {
+    const float* xp = buf.data() + t * per_thread;
+    return mix_avx512(xp, xp + d * MR, d, passes);
+  });
+  const int64_t iters = d * passes;  // the same FMAs per thread, from registers only
+  const double fma_only = wall_gflops(flops, reps, [&](int t) { return fma_only_avx512(1.0f + t, iters); });
   const double peak = vqtok::fma_peak_gflops(0.3);
-  std::printf("isa avx512 threads %d d %lld mix_gflops %.1f fma_peak_gflops %.1f mix_of_peak %.3f\n", threads,
-              static_cast<long long>(d), mix, peak, mix / peak);
+  std::printf(
+      "isa avx512 threads %d d %lld mix_gflops %.1f fma_only_gflops %.1f fma_peak_gflops %.1f mix_of_fma_only %.3f "
+      "mix_of_peak %.3f fma_only_of_peak %.3f\n",
+      threads, static_cast<long long>(d), mix, fma_only, peak, mix / fma_only, mix / peak, fma_only / peak);
   return 0;
 }
 

@@ -5,7 +5,7 @@
 #
 #   benchmarks/nearest_profile.sh N K D REPS [fast]         # e.g. 16384 1024 256 30
 #   PERF=1 OMP_NUM_THREADS=2 benchmarks/nearest_profile.sh 16384 1024 32 40
-#   OMP_NUM_THREADS=2 benchmarks/nearest_profile.sh ceiling 256 7   # the micro-tile's loop alone
+#   OMP_NUM_THREADS=2 benchmarks/nearest_profile.sh ceiling 256 7   # the micro-tile's loop alone, register FMAs alone
 # OUT (default: a temporary folder) keeps the binary and perf.data.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

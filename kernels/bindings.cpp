@@ -279,6 +279,16 @@ void bind_fsq_lfq(py::module_& m) {
       py::arg("seconds") = 0.2,
       "Measured fp32 FMA peak in GFLOP/s: independent FMA chains of the active SIMD level on all threads.");
   m.def(
+      "fma_peak_chain_sum",
+      [](int64_t iters) {
+        VQTOK_FSQ_CHECK(iters >= 0, "vqtok._C.fma_peak_chain_sum: iters must be >= 0");
+        py::gil_scoped_release nogil;
+        return vqtok::fma_peak_chain_sum(iters);
+      },
+      py::arg("iters"),
+      "The FMA peak loop's 12 chains after iters rounds, summed over chains and averaged over lanes "
+      "(chain c starts at 1 + 0.01 c, x <- fma(x, 0.999999, 1e-6)); 0.0 at the scalar level.");
+  m.def(
       "fsq_constants",
       [](const std::vector<int64_t>& levels) {
         const FsqHost h = fsq_host(levels, "vqtok._C.fsq_constants: ");

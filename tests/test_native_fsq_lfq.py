@@ -10,6 +10,7 @@ tanh difference moves codes, so there only the correctly rounded oracle is exact
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,6 +322,25 @@ def test_fma_peak_positive():
     assert _C.fma_peak_gflops(0.02) > 0.0
     with pytest.raises(ValueError, match="seconds"):
         _C.fma_peak_gflops(-1.0)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2000])
+def test_fma_peak_loop_runs_every_chain(isa, iters):
+    """The peak counts 2 x lanes x 12 chains flops a round: the loop it times must compute all 12
+    (a chain the compiler drops would overstate the peak by 12/11). Its chains' values after
+    `iters` rounds equal x <- fma(x, 0.999999, 1e-6) from 1 + 0.01 c, summed over c."""
+    got = _C.fma_peak_chain_sum(iters)
+    if isa == "scalar":
+        assert got == 0.0  # no FMA loop without AVX2
+        return
+    x = np.float32(1.0) + np.float32(0.01) * np.arange(12, dtype=np.float32)
+    m, b = np.float32(0.999999), np.float32(1e-6)
+    for _ in range(iters):  # the fp32 product is exact in float64, then one rounding (fma up to ties)
+        x = (x.astype(np.float64) * float(m) + float(b)).astype(np.float32)
+    assert got == pytest.approx(float(x.astype(np.float64).sum()), abs=1e-4)
+    assert abs(got - float(x[:11].astype(np.float64).sum())) > 0.5  # 11 chains would be far off
+    with pytest.raises(ValueError, match="iters"):
+        _C.fma_peak_chain_sum(-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

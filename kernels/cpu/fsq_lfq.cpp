@@ -232,4 +232,12 @@ double fma_peak_gflops(double seconds) {
   }
 }
 
+float fma_peak_chain_sum(int64_t iters) {
+  switch (active_isa()) {
+    case Isa::Avx512: return fma_peak_chain_sum_avx512(iters);
+    case Isa::Avx2: return fma_peak_chain_sum_avx2(iters);
+    default: return 0.0f;
+  }
+}
+
 }  // namespace vqtok

@@ -50,10 +50,12 @@ int64_t fsq_forward_rows_avx512(const FsqArgs& a, const FsqThresholds& th, int64
 void fsq_backward_rows_avx512(const FsqArgs& a, int64_t r0, int64_t r1);
 int64_t lfq_forward_rows_avx512(const LfqArgs& a, int64_t r0, int64_t r1);
 double fma_peak_avx512(double seconds);
+float fma_peak_chain_sum_avx512(int64_t iters);
 int64_t fsq_forward_rows_avx2(const FsqArgs& a, const FsqThresholds& th, int64_t r0, int64_t r1);
 void fsq_backward_rows_avx2(const FsqArgs& a, int64_t r0, int64_t r1);
 int64_t lfq_forward_rows_avx2(const LfqArgs& a, int64_t r0, int64_t r1);
 double fma_peak_avx2(double seconds);
+float fma_peak_chain_sum_avx2(int64_t iters);
 int64_t fsq_forward_rows_scalar(const FsqArgs& a, const FsqThresholds& th, int64_t r0, int64_t r1);
 void fsq_backward_rows_scalar(const FsqArgs& a, int64_t r0, int64_t r1);
 int64_t lfq_forward_rows_scalar(const LfqArgs& a, int64_t r0, int64_t r1);

@@ -73,4 +73,10 @@ void tanh_f32(const float* x, int64_t n, float* out, bool exact = false);
 // widest active SIMD level on every OpenMP thread for about `seconds`.
 double fma_peak_gflops(double seconds);
 
+// The chains of that loop after `iters` rounds (one timed round, as fma_peak_gflops times them),
+// summed over chains, averaged over lanes: each chain c starts at 1 + 0.01 c and steps
+// x <- fma(x, 0.999999, 1e-6), so a check that every chain the peak counts is computed.
+// 0 where the active level has no FMA loop (scalar).
+float fma_peak_chain_sum(int64_t iters);
+
 }  // namespace vqtok
