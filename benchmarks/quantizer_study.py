@@ -27,7 +27,8 @@ per-step scale) and restart codes whose EMA count falls below ``restart_share`` 
 code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.9; 1.0:
 to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
 trick, vqtok's VQ rows the estimator ``vq_estimator``, restarts ``vq_restart`` and k-means
-seeding ``vq_kmeans_seeding`` (the l2-normalised rows ``l2norm_kmeans_seeding``), and
+seeding ``vq_kmeans_seeding`` (the l2-normalised rows ``l2norm_kmeans_seeding``, their code
+dimension ``l2norm_dim``), and
 ``vq_search`` is the search precision of the VQ / RVQ / SimVQ rows (a speed knob). Each vqtok
 row's ``setup`` (the build_quantizer arguments: restarts, entropy terms) is in the JSON. ``--set
 KEY=VALUE`` overrides any ``StudyConfig`` field.
@@ -102,7 +103,8 @@ class StudyConfig:
     vq_search: str = "exact"  # the vqtok VQ / RVQ / SimVQ rows' search_precision (the same indices either way)
     vq_decay: float = 0.99  # EMA decay of the vqtok VQ / RVQ rows' codebooks
     vq_kmeans_seeding: str = "kmeans++"  # the vqtok VQ / RVQ rows' k-means seeding ("kmeans++" or "random")
-    l2norm_kmeans_seeding: str = "random"  # the same for the l2-normalised dim-8 rows
+    l2norm_dim: int = 3  # code dimension of the l2-normalised rows (family vq-l2norm-dim<d>)
+    l2norm_kmeans_seeding: str = "random"  # the l2-normalised rows' k-means seeding
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     simvq_proj_lr: float = 3.0  # SimVQ rows: learning rate of the linear map W, in multiples of the autoencoder's
@@ -479,7 +481,8 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
             _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad", **search),
             _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart,
                        **_seeding(cfg.vq_kmeans_seeding)),
-            _vqtok_row("vq-l2norm-dim8", b, "vq", cfg, k, codebook_size=k, codebook_dim=8, metric="cosine",
+            _vqtok_row(f"vq-l2norm-dim{cfg.l2norm_dim}", b, "vq", cfg, k, codebook_size=k,
+                       codebook_dim=cfg.l2norm_dim, metric="cosine",
                        **restart, **_seeding(cfg.l2norm_kmeans_seeding)),
             _vqtok_row("rvq-2x", b, "rvq", cfg, kr, codebook_size=kr, num_quantizers=2, learning="ema",
                        kmeans_init=True, dead_code_threshold=_restart_threshold(cfg, kr), estimator=cfg.vq_estimator,

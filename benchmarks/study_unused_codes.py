@@ -20,7 +20,7 @@ both), and for each group reports:
   the latent has left.
 
     python benchmarks/study_unused_codes.py --row vq-ema-kmeans-restart/vqtok/2^14
-    python benchmarks/study_unused_codes.py --row vq-l2norm-dim8/vqtok/2^14 --set restart_share=0.05 --json out.json
+    python benchmarks/study_unused_codes.py --row vq-l2norm-dim3/vqtok/2^14 --set restart_share=0.05 --json out.json
 """
 
 from __future__ import annotations

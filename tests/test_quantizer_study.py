@@ -19,7 +19,7 @@ def qs():
 def test_rows_cover_every_family_and_size(qs):
     rows = qs.vqtok_rows(qs.FULL)
     seen = {(r.family, r.log2_codes) for r in rows}
-    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim8", "rvq-2x", "fsq", "fsq-entropy", "lfq",
+    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim3", "rvq-2x", "fsq", "fsq-entropy", "lfq",
                 "bsq", "simvq"):
         assert {(fam, 10), (fam, 14)} <= seen, fam
     assert {("fsq", 18), ("fsq-entropy", 18), ("lfq", 18)} <= seen
@@ -408,19 +408,23 @@ def test_set_overrides_config_fields(qs):
     assert qs.override(qs.FULL, ["big_sizes="]).big_sizes == ()
     # the search precision of the nearest-code rows (a speed knob): recorded and built only where set
     fast = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_search=fast"]))}
-    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim8", "rvq-2x", "simvq"):
+    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim3", "rvq-2x", "simvq"):
         assert fast[fam, 10].setup["search_precision"] == "fast", fam
         q = fast[fam, 10].build(qs.QUICK)
         assert all(m.search_precision == "fast" for m in q.modules() if hasattr(m, "search_precision"))
     assert all("search_precision" not in r.setup for r in qs.vqtok_rows(qs.QUICK))
     # the EMA decay of the VQ / RVQ rows: recorded and built only where set (SimVQ has no EMA)
     slow = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_decay=0.9"]))}
-    for fam in ("vq-ema-kmeans-restart", "vq-l2norm-dim8", "rvq-2x"):
+    for fam in ("vq-ema-kmeans-restart", "vq-l2norm-dim3", "rvq-2x"):
         assert slow[fam, 10].setup["decay"] == 0.9, fam
         decays = {m.decay for m in slow[fam, 10].build(qs.QUICK).modules() if hasattr(m, "cluster_size")}
         assert decays == {0.9}, fam
     assert "decay" not in slow["vq-plain", 10].setup and "decay" not in slow["simvq", 10].setup
     assert all("decay" not in r.setup for r in qs.vqtok_rows(qs.QUICK))
+    # the l2-normalised rows' code dimension: in the family's name, built with it
+    d8 = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["l2norm_dim=8"]))}
+    assert d8["vq-l2norm-dim8", 10].setup["codebook_dim"] == 8 and ("vq-l2norm-dim3", 10) not in d8
+    assert d8["vq-l2norm-dim8", 10].build(qs.QUICK).codebook_dim == 8
     for bad, match in (("nope=1", "KEY=VALUE"), ("seed", "KEY=VALUE"), ("steps=many", "int"),
                        ("held_in_usage=maybe", "bool")):
         with pytest.raises(ValueError, match=match):

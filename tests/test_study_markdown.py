@@ -38,8 +38,8 @@ def test_every_study_setup_is_described_in_words(md, qs):
     stop = f"to {cfg.restart_stop:.0%} of steps"
     assert by[("vq-ema-kmeans-restart", "vqtok", 14)] == f"EMA, k-means, restart < 0.094/step {stop}"
     assert by[("vq-plain", "vqtok", 10)] == "gradient codebook"
-    assert by[("vq-l2norm-dim8", "vqtok", 10)].startswith(
-        "l2-normalised dim 8, EMA, k-means (random seeds), restart < 1.5/step")
+    assert by[("vq-l2norm-dim3", "vqtok", 10)].startswith(
+        "l2-normalised dim 3, EMA, k-means (random seeds), restart < 1.5/step")
     assert by[("rvq-2x", "vqtok", 14)] == f"2 x 128 codes, EMA, k-means, restart < 2/step {stop}"
     assert by[("fsq", "vqtok", 18)] == "levels 8^6" and by[("fsq", "vqtok", 10)] == "levels 8,5,5,5"
     assert by[("fsq-entropy", "vqtok", 10)] == "8,5,5,5; entropy 0.01, τ 0.5"
