@@ -247,6 +247,42 @@ def test_half_inputs(isa, precision, dtype):
     assert idx[0] == 7
 
 
+def _clustered(d=16, k=2048, n=3000, seed=0):
+    """Codes dense around the latents (a trained codebook) plus one far code that sets max |c|:
+    the 2E test's bound is ~1000x a typical row's own; rows sit near codes, many on near-bisectors."""
+    g = torch.Generator().manual_seed(seed)
+    c = 0.03 * torch.randn(k, d, generator=g)
+    c[k // 2] = 60.0 / d**0.5  # norm 60
+    pick = torch.randint(0, k, (n,), generator=g)
+    x = c[pick] + 0.01 * torch.randn(n, d, generator=g)
+    # near-bisectors of close pairs: ties within and just past the sharper test's reach
+    a, b = torch.randint(0, k // 2, (2, 200), generator=g)
+    b = torch.where(a == b, a + 1, b)
+    t = 0.5 + torch.logspace(-7, -2, 200).mul(torch.where(torch.rand(200, generator=g) < 0.5, -1, 1))
+    x[:200] = c[a] + t[:, None] * (c[b] - c[a])
+    x[200] = c[3]  # exactly on a code, with a rival 1e-4 away
+    c[4] = c[3] + 1e-4
+    return x, c
+
+
+def test_sharper_certificate_gives_the_oracle_answer(isa, monkeypatch):
+    # the per-row test certifies most rows the 2E test would re-decide; every answer is still the
+    # float64 oracle's (several seeds, d with and without packed rows, a large offset)
+    for seed, d, off in ((0, 16, 0.0), (1, 16, 0.0), (2, 40, 0.0), (3, 8, 100.0)):
+        x, c = _clustered(d=d, seed=seed)
+        _check(x + off, c + off, isa)
+
+
+def test_sharper_certificate_redecides_fewer_rows(isa, monkeypatch):
+    x, c = _clustered()
+    idx, dist, redo, ran = _raw(x, c)
+    monkeypatch.setenv("VQTOK_NEAREST_REFINE", "0")  # the 2E test alone
+    idx0, dist0, redo0, _ = _raw(x, c)
+    assert ran == isa and torch.equal(idx, idx0) and torch.equal(dist, dist0)
+    # the near-bisector rows (200) and few others left to re-decide, against most rows without it
+    assert redo0 > 2000 and redo < 100, (redo, redo0)
+
+
 def test_fast_mode_gives_the_exact_answer(isa, fast_always):
     x, c = torch.randn(64, 24), torch.randn(500, 24)
     _check(x, c, isa, precision="fast")

@@ -7,6 +7,14 @@
 // (plus a few subnormal quanta), where t_k is the exact |c_k|^2 - 2 x.c_k. If the best and
 // second-best computed scores differ by more than 2E the best is the unique exact winner; other
 // rows are re-decided by a direct-form scan sum((x - c)^2) in double (ties -> lowest index).
+//
+// Sharper per-row test (refined_certificate), for rows the 2E test leaves. A code's own error is
+// E_k <= g (|c_k|^2 + 2 |x| |c_k|), and |c_k| <= |x| + |x - c_k| = |x| + sqrt(t_k + |x|^2) with
+// t_k <= s_k + E: so E_k <= F(s_k), a bound that grows with the computed score alone. Where
+// s - F(s) does not decrease past the second-best score s2 (checked per row), every rival k
+// has t_k >= s_k - F(s_k) >= s2 - F(s2), and s2 - F(s2) > s1 + F(s1) proves the winner. On
+// trained codebooks (codes dense around the latents, a few far codes setting max |c_k|) this
+// leaves a small fraction of the rows the 2E test sends to re-decision.
 // Multiply-adds are never fused implicitly here (the direct-form sums must round the same way in
 // the baseline and the AVX-512 functions); explicit fma intrinsics are unaffected.
 #pragma GCC optimize("fp-contract=off")
@@ -544,12 +552,39 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
 
   // Half the largest gap a row's computed scores can show without proving its winner (see the
   // file comment); infinite past the bound's range.
+  const double subnormal = m * std::ldexp(1.0, -147);
   auto row_bound = [&](const float* xr) {
     double l1, l2;
     df.norms(xr, d, &l1, &l2);
     if (huge || l2 >= 1e36) return std::numeric_limits<double>::infinity();
     const double dots = std::min(l1 * cs.abs_max, std::sqrt(l2) * cs.norm_max);
-    return gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + m * std::ldexp(1.0, -147);
+    return gamma * (cs.norm2_max + 2.0 * dots) * (1 + 1e-6) + subnormal;
+  };
+
+  // The file comment's sharper test for a row xr with bound e (row_bound) and best / second-best
+  // scores s1 <= s2: true when it proves the winner. F(s) = min(e, g' (N^2 + 2aN) + subnormal),
+  // N = min(max |c_k|, a + sqrt(max(0, s + e + a^2))), a = |x|, g' = g (1 + 1e-6); the 1e-12
+  // inflations cover the double roundings of a, a^2 and max |c_k|. s - F(s) is non-decreasing
+  // for s >= s2 when r2 = sqrt(s2 + e + a^2) satisfies r2 (1 - g') >= 2 a g' (dF/ds <= g' (1 +
+  // 2a/r) where N is not clamped, 0 where it is; taking the min with e keeps it so).
+  // VQTOK_NEAREST_REFINE=0 turns the sharper test off (the 2E test alone: the same answers, more
+  // rows re-decided), read once per search.
+  const char* refine_env = std::getenv("VQTOK_NEAREST_REFINE");
+  const bool refine = refine_env == nullptr || std::strcmp(refine_env, "0") != 0;
+  const double gamma_r = gamma * (1 + 1e-6), cnorm_max = cs.norm_max * (1 + 1e-12);
+  auto refined_certificate = [&](const float* xr, double e, double s1, double s2) {
+    if (!(e < std::numeric_limits<double>::infinity())) return false;
+    double l1, l2;
+    df.norms(xr, d, &l1, &l2);
+    l2 *= 1 + 1e-12;
+    const double a = std::sqrt(l2) * (1 + 1e-12);
+    auto radius = [&](double s) { return std::sqrt(std::max(0.0, s + e + l2)); };
+    auto F = [&](double s) {
+      const double nk = std::min(cnorm_max, a + radius(s));
+      return std::min(e, gamma_r * (nk * nk + 2.0 * a * nk) + subnormal);
+    };
+    if (!(radius(s2) * (1 - gamma_r) >= 2.0 * a * gamma_r)) return false;
+    return s2 - F(s2) > s1 + F(s1);
   };
 
   // Past the kernel's sweep_max_d (16, or 32 for AVX2) the tiles read rows packed feature-major
@@ -613,7 +648,7 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
             const int64_t g = r0 + r;
             if (!packed_rows) bound[g] = row_bound(xq + r * d);
             const double gap = static_cast<double>(gsec[g]) - static_cast<double>(gbest[g]);
-            if (!(gap > 2.0 * bound[g])) {
+            if (!(gap > 2.0 * bound[g]) && !(refine && refined_certificate(xq + r * d, bound[g], gbest[g], gsec[g]))) {
               local_redo.push_back(g);
               continue;
             }
