@@ -26,7 +26,9 @@ rows first initialise from ``init_tokens_per_code`` x K tokens (EMA counts put b
 per-step scale) and restart codes whose EMA count falls below ``restart_share`` of a uniform
 code's per-step share (at most 2), until ``restart_stop`` of the row's steps (default 0.9; 1.0:
 to the end; every row's codebooks, the peers' too); the peers' VectorQuantize uses the rotation
-trick, vqtok's VQ rows the estimator ``vq_estimator``, restarts ``vq_restart`` and k-means
+trick, and so does vqtok's VQ row that pairs with it (``vq_ema_estimator``, "rotation": family
+``vq-ema-kmeans-restart-rot``, as the peer's), the other VQ / RVQ rows the estimator
+``vq_estimator``; vqtok's VQ rows restart ``vq_restart`` and k-means
 seeding ``vq_kmeans_seeding`` (the l2-normalised rows ``l2norm_kmeans_seeding``, their code
 dimension ``l2norm_dim``), and
 ``vq_search`` is the search precision of the VQ / RVQ / SimVQ rows (a speed knob). Each vqtok
@@ -98,7 +100,10 @@ class StudyConfig:
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
     restart_stop: float = 0.9  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
-    vq_estimator: str = "ste"  # gradient estimator of the vqtok VQ / RVQ rows ("ste" or "rotation")
+    vq_estimator: str = "ste"  # gradient estimator of the l2-normalised VQ and RVQ rows ("ste" or "rotation")
+    # the EMA + k-means + restart VQ row's, as its peer row (VectorQuantize, rotation_trick=True);
+    # "rotation" puts "-rot" in the family's name, like the peer's
+    vq_ema_estimator: str = "rotation"
     vq_restart: str = "random"  # where the vqtok VQ / RVQ rows restart dead codes ("random" or "nearest")
     vq_search: str = "exact"  # the vqtok VQ / RVQ / SimVQ rows' search_precision (the same indices either way)
     vq_decay: float = 0.99  # EMA decay of the vqtok VQ / RVQ rows' codebooks
@@ -479,7 +484,8 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
                        estimator=cfg.vq_estimator, **where)
         rows += [
             _vqtok_row("vq-plain", b, "vq", cfg, codebook_size=k, learning="grad", **search),
-            _vqtok_row("vq-ema-kmeans-restart", b, "vq", cfg, k, codebook_size=k, **restart,
+            _vqtok_row("vq-ema-kmeans-restart" + ("-rot" if cfg.vq_ema_estimator == "rotation" else ""), b, "vq",
+                       cfg, k, codebook_size=k, **{**restart, "estimator": cfg.vq_ema_estimator},
                        **_seeding(cfg.vq_kmeans_seeding)),
             _vqtok_row(f"vq-l2norm-dim{cfg.l2norm_dim}", b, "vq", cfg, k, codebook_size=k,
                        codebook_dim=cfg.l2norm_dim, metric="cosine",

@@ -19,7 +19,7 @@ both), and for each group reports:
   unused codes next to used ones are shadowed; unused codes next to unused ones sit in a region
   the latent has left.
 
-    python benchmarks/study_unused_codes.py --row vq-ema-kmeans-restart/vqtok/2^14
+    python benchmarks/study_unused_codes.py --row vq-ema-kmeans-restart-rot/vqtok/2^14
     python benchmarks/study_unused_codes.py --row vq-l2norm-dim3/vqtok/2^14 --set restart_share=0.05 --json out.json
 """
 
@@ -160,7 +160,7 @@ def run(name: str, cfg: qs.StudyConfig, crops: int, crop_seed: int = 12345) -> d
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--row", required=True, help="a vqtok VQ row of the study, e.g. vq-ema-kmeans-restart/vqtok/2^14")
+    ap.add_argument("--row", required=True, help="a vqtok VQ row of the study, e.g. vq-ema-kmeans-restart-rot/vqtok/2^14")
     ap.add_argument("--quick", action="store_true", help="the study's --quick settings (2^10, 10 steps)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as the study's --set")
     ap.add_argument("--crops", type=int, default=25600, help="fresh training crops (64 tokens each at 32 px)")

@@ -19,7 +19,7 @@ def qs():
 def test_rows_cover_every_family_and_size(qs):
     rows = qs.vqtok_rows(qs.FULL)
     seen = {(r.family, r.log2_codes) for r in rows}
-    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim3", "rvq-2x", "fsq", "fsq-entropy", "lfq",
+    for fam in ("vq-plain", "vq-ema-kmeans-restart-rot", "vq-l2norm-dim3", "rvq-2x", "fsq", "fsq-entropy", "lfq",
                 "bsq", "simvq"):
         assert {(fam, 10), (fam, 14)} <= seen, fam
     assert {("fsq", 18), ("fsq-entropy", 18), ("lfq", 18)} <= seen
@@ -48,13 +48,13 @@ def test_rows_of_one_seed_start_from_the_same_autoencoder(qs):
     def weights(model):
         return {k: v for k, v in model.state_dict().items() if not k.startswith("quantizer.")}
 
-    vq, fsq = (weights(qs.build_model(rows[f], cfg)) for f in ("vq-ema-kmeans-restart", "fsq"))
+    vq, fsq = (weights(qs.build_model(rows[f], cfg)) for f in ("vq-ema-kmeans-restart-rot", "fsq"))
     assert vq.keys() == fsq.keys() and len(vq) > 4
     assert all(torch.equal(vq[k], fsq[k]) for k in vq)
     other = weights(qs.build_model(rows["fsq"], dataclasses.replace(cfg, seed=1)))
     assert not torch.equal(other["encoder.0.weight"], vq["encoder.0.weight"])
     torch.manual_seed(cfg.seed)  # without the fork, the VQ codebook's draws would shift the weights
-    rows["vq-ema-kmeans-restart"].build(cfg)
+    rows["vq-ema-kmeans-restart-rot"].build(cfg)
     unforked = qs.StudyAE(torch.nn.Identity(), cfg.latent_dim, cfg.width, cfg.latent_norm)
     assert not torch.equal(unforked.encoder[0].weight, vq["encoder.0.weight"])
 
@@ -257,7 +257,7 @@ def test_pass_through_baseline_leaves_the_rows_seeds_alone(qs, monkeypatch):
     q = qs.PassThrough()(z)
     assert q.quantized is z and float(q.loss) == 0.0
     # the reference model's weights and crops come before the row's seeds: the row trains the same
-    row = [r for r in qs.vqtok_rows(cfg) if r.family == "vq-ema-kmeans-restart"][0]
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "vq-ema-kmeans-restart-rot"][0]
 
     def run():
         r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
@@ -325,7 +325,7 @@ def test_restarts_stop_after_their_share_of_steps(qs, monkeypatch):
     cfg = dataclasses.replace(qs.QUICK, steps=8, probe_steps=1, restart_stop=0.5)
     photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
     held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
-    row = [r for r in qs.vqtok_rows(cfg) if r.family == "vq-ema-kmeans-restart"][0]
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "vq-ema-kmeans-restart-rot"][0]
     r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held)
     assert r["steps"] == 8 and seen == [1, 2, 3, 4, 5]  # update counter: 1 = the init pass, then steps 0-3
     assert r["restarts_last_tenth"] == 0 and r["restarts"] is not None and r["restarts"] >= 0
@@ -408,19 +408,27 @@ def test_set_overrides_config_fields(qs):
     assert qs.override(qs.FULL, ["big_sizes="]).big_sizes == ()
     # the search precision of the nearest-code rows (a speed knob): recorded and built only where set
     fast = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_search=fast"]))}
-    for fam in ("vq-plain", "vq-ema-kmeans-restart", "vq-l2norm-dim3", "rvq-2x", "simvq"):
+    for fam in ("vq-plain", "vq-ema-kmeans-restart-rot", "vq-l2norm-dim3", "rvq-2x", "simvq"):
         assert fast[fam, 10].setup["search_precision"] == "fast", fam
         q = fast[fam, 10].build(qs.QUICK)
         assert all(m.search_precision == "fast" for m in q.modules() if hasattr(m, "search_precision"))
     assert all("search_precision" not in r.setup for r in qs.vqtok_rows(qs.QUICK))
     # the EMA decay of the VQ / RVQ rows: recorded and built only where set (SimVQ has no EMA)
     slow = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_decay=0.9"]))}
-    for fam in ("vq-ema-kmeans-restart", "vq-l2norm-dim3", "rvq-2x"):
+    for fam in ("vq-ema-kmeans-restart-rot", "vq-l2norm-dim3", "rvq-2x"):
         assert slow[fam, 10].setup["decay"] == 0.9, fam
         decays = {m.decay for m in slow[fam, 10].build(qs.QUICK).modules() if hasattr(m, "cluster_size")}
         assert decays == {0.9}, fam
     assert "decay" not in slow["vq-plain", 10].setup and "decay" not in slow["simvq", 10].setup
     assert all("decay" not in r.setup for r in qs.vqtok_rows(qs.QUICK))
+    # the EMA + k-means + restart row's estimator: the rotation trick (as its peer row), "-rot" in
+    # its name; "ste" drops both; the other VQ / RVQ rows follow vq_estimator
+    ema = {r.family: r for r in qs.vqtok_rows(qs.QUICK) if r.log2_codes == 10}
+    assert ema["vq-ema-kmeans-restart-rot"].setup["estimator"] == "rotation"
+    assert ema["vq-ema-kmeans-restart-rot"].build(qs.QUICK).estimator == "rotation"
+    assert ema["rvq-2x"].setup["estimator"] == ema["vq-l2norm-dim3"].setup["estimator"] == "ste"
+    ste = {r.family: r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_ema_estimator=ste"]))}
+    assert ste["vq-ema-kmeans-restart"].setup["estimator"] == "ste" and "vq-ema-kmeans-restart-rot" not in ste
     # the l2-normalised rows' code dimension: in the family's name, built with it
     d8 = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["l2norm_dim=8"]))}
     assert d8["vq-l2norm-dim8", 10].setup["codebook_dim"] == 8 and ("vq-l2norm-dim3", 10) not in d8
@@ -537,7 +545,7 @@ def test_unused_codes_restart_record_and_nearest_code(unused):
 
 def test_unused_codes_report_partitions_the_codebook(unused, tmp_path, capsys):
     out = tmp_path / "unused.json"
-    row = "vq-ema-kmeans-restart/vqtok/2^10"
+    row = "vq-ema-kmeans-restart-rot/vqtok/2^10"
     assert unused.main(["--row", row, "--quick", "--set", "steps=6", "--set", "probe_steps=1", "--crops", "40",
                         "--json", str(out)]) == 0
     assert row in capsys.readouterr().out

@@ -36,7 +36,7 @@ def test_every_study_setup_is_described_in_words(md, qs):
         assert text and "=" not in text, (row.family, row.log2_codes, text)
     by = {(r.family, r.impl, r.log2_codes): md.describe_setup(r.setup, config) for r in rows}
     stop = f"to {cfg.restart_stop:.0%} of steps"
-    assert by[("vq-ema-kmeans-restart", "vqtok", 14)] == f"EMA, k-means, restart < 0.094/step {stop}"
+    assert by[("vq-ema-kmeans-restart-rot", "vqtok", 14)] == f"EMA, k-means, restart < 0.094/step {stop}, rotation trick"
     assert by[("vq-plain", "vqtok", 10)] == "gradient codebook"
     assert by[("vq-l2norm-dim3", "vqtok", 10)].startswith(
         "l2-normalised dim 3, EMA, k-means (random seeds), restart < 1.5/step")
