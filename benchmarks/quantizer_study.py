@@ -113,6 +113,7 @@ class StudyConfig:
     simvq_init_std: float = 1.0  # SimVQ rows: std of the frozen basis (the latent is standardised)
     simvq_beta: float = 0.25  # SimVQ rows: commitment weight
     simvq_proj_lr: float = 3.0  # SimVQ rows: learning rate of the linear map W, in multiples of the autoencoder's
+    fsq_proj_init: str = "orthogonal"  # vqtok FSQ rows' in-projection init ("orthogonal" or "linear", the peer's)
     fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
     fsq_entropy_big: tuple = (0.03, 0.5)  # the same at ``big_sizes``
     lfq_entropy: tuple = (0.1, 0.3, 1.0)  # LFQ rows at ``sizes``: entropy weight, temperature, per-sample term's weight
@@ -499,8 +500,9 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
         ]
     for b in (*cfg.sizes, *cfg.big_sizes):
         rows += [
-            _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b]),
-            _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], **fsq_entropy(cfg, b)),
+            _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b], proj_init=cfg.fsq_proj_init),
+            _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], proj_init=cfg.fsq_proj_init,
+                       **fsq_entropy(cfg, b)),
             # B bits need B latent channels: a Linear from fewer spans a subspace whose regions
             # cannot hold all 2^B sign patterns evenly (a 16-channel Gaussian latent reaches ~half of 2^18)
             _vqtok_row("lfq", b, "lfq", cfg, min_latent=b, bits=b, **lfq_entropy(cfg, b)),

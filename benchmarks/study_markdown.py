@@ -83,6 +83,8 @@ def describe_setup(setup: dict, config: dict) -> str:
             parts.append(f"{text}; entropy {_num(s.pop('entropy_weight'))}, τ {_num(s.pop('temperature'))}")
         else:
             parts.append(f"levels {text}")
+        if s.pop("proj_init", "linear") == "orthogonal":
+            parts.append("orthogonal in-projection")
     elif name in ("lfq", "bsq"):
         s.pop("bits", None)
         parts.append(f"entropy {_num(s.pop('entropy_weight'))}, τ {_num(s.pop('temperature'))}")

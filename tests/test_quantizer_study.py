@@ -429,6 +429,12 @@ def test_set_overrides_config_fields(qs):
     assert ema["rvq-2x"].setup["estimator"] == ema["vq-l2norm-dim3"].setup["estimator"] == "ste"
     ste = {r.family: r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_ema_estimator=ste"]))}
     assert ste["vq-ema-kmeans-restart"].setup["estimator"] == "ste" and "vq-ema-kmeans-restart-rot" not in ste
+    # the FSQ rows' in-projection: orthogonal (vqtok's default), or nn.Linear's init (the peer's)
+    for how in ("orthogonal", "linear"):
+        fsq = {r.family: r for r in qs.vqtok_rows(qs.override(qs.QUICK, [f"fsq_proj_init={how}"]))
+               if r.log2_codes == 10}
+        for fam in ("fsq", "fsq-entropy"):
+            assert fsq[fam].setup["proj_init"] == how and fsq[fam].build(qs.QUICK).proj_init == how
     # the l2-normalised rows' code dimension: in the family's name, built with it
     d8 = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["l2norm_dim=8"]))}
     assert d8["vq-l2norm-dim8", 10].setup["codebook_dim"] == 8 and ("vq-l2norm-dim3", 10) not in d8

@@ -585,3 +585,21 @@ def test_simvq_init_std_scales_the_frozen_basis():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="init_std"):
             SimVQ(4, 8, init_std=bad)
+
+
+def test_fsq_in_projection_starts_orthogonal():
+    torch.manual_seed(0)
+    q = FSQ([8, 5, 5, 5], dim=16)
+    w = q.in_proj.weight
+    torch.testing.assert_close(w @ w.t(), torch.eye(4), atol=1e-5, rtol=0)  # orthonormal rows
+    assert q.proj_init == "orthogonal" and torch.count_nonzero(q.in_proj.bias) == 0
+    # a latent standardised per channel: every projected channel at unit variance (nn.Linear's
+    # default init gives ~0.58), so the tanh bound spreads it over its levels from the start
+    x = torch.randn(200_000, 16)
+    assert torch.allclose(q.in_proj(x).std(0), torch.ones(4), atol=0.02)
+    lin = FSQ([8, 5, 5, 5], dim=16, proj_init="linear")
+    assert torch.count_nonzero(lin.in_proj.bias) == 4 and lin.in_proj(x).std(0).max() < 0.75
+    assert lin.in_proj.weight.abs().max() <= 16**-0.5  # nn.Linear's kaiming-uniform bound
+    assert isinstance(FSQ([8, 5, 5, 5]).in_proj, torch.nn.Identity)  # no projection, nothing to init
+    with pytest.raises(ValueError, match="proj_init"):
+        FSQ([8, 5, 5, 5], dim=16, proj_init="xavier")

@@ -41,8 +41,9 @@ def test_every_study_setup_is_described_in_words(md, qs):
     assert by[("vq-l2norm-dim3", "vqtok", 10)].startswith(
         "l2-normalised dim 3, EMA, k-means (random seeds), restart < 1.5/step")
     assert by[("rvq-2x", "vqtok", 14)] == f"2 x 128 codes, EMA, k-means, restart < 2/step {stop}"
-    assert by[("fsq", "vqtok", 18)] == "levels 8^6" and by[("fsq", "vqtok", 10)] == "levels 8,5,5,5"
-    assert by[("fsq-entropy", "vqtok", 10)] == "8,5,5,5; entropy 0.01, τ 0.5"
+    assert by[("fsq", "vqtok", 18)] == "levels 8^6, orthogonal in-projection"
+    assert by[("fsq", "vqtok", 10)] == "levels 8,5,5,5, orthogonal in-projection"
+    assert by[("fsq-entropy", "vqtok", 10)] == "8,5,5,5; entropy 0.01, τ 0.5, orthogonal in-projection"
     assert by[("lfq", "vqtok", 18)] == "entropy 5, τ 0.3, 18-channel latent"
     assert by[("simvq", "vqtok", 14)] == "basis std 1.0, W at 3x lr"
     if ("fsq", "vector-quantize-pytorch", 10) in by:  # the peer is installed

@@ -3,7 +3,9 @@
 Each of d = len(levels) channels is bounded by tanh and rounded to one of L_i levels; the implicit
 codebook has prod(levels) codes and nothing to learn, so it cannot collapse in the VQ sense (the
 health tracker still reports usage). When ``dim != len(levels)`` z is projected by Linear(dim, d)
-before and Linear(d, dim) after. The rounding goes through ``vqtok.ops.fsq_quantize`` (fp32,
+before and Linear(d, dim) after; the first starts orthogonal with no bias (``proj_init``), so on
+a latent standardised per channel each bounded channel starts at unit variance and spreads over
+its levels (nn.Linear's default init gives about 0.58). The rounding goes through ``vqtok.ops.fsq_quantize`` (fp32,
 straight-through gradient). Shapes: z [B, dim, *spatial] or [N, dim]; indices [B, *spatial] / [N].
 
 Optional entropy regulariser (off by default, as in LFQ): ``entropy_weight * (per_sample_weight *
@@ -27,6 +29,9 @@ from .base import Quantizer, QuantizerOutput
 from .health import make_health, track
 
 
+PROJ_INITS = ("orthogonal", "linear")
+
+
 class FSQ(Quantizer):
     """Finite scalar quantiser.
 
@@ -36,6 +41,9 @@ class FSQ(Quantizer):
         entropy_weight: overall weight of the entropy term (0, the default, disables it).
         per_sample_weight, codebook_weight: weights of the per-sample and codebook entropies.
         temperature: tau of each channel's soft assignment softmax(-(u - g)^2 / tau), level units.
+        proj_init: init of the in-projection (when dim != len(levels)): "orthogonal" (default;
+            orthonormal rows, zero bias) or "linear" (nn.Linear's own init, as the FSQ paper's
+            reference and vector-quantize-pytorch have it).
         backend: backend of the quantise op.
         health: CodebookHealth kwargs.
     """
@@ -49,6 +57,7 @@ class FSQ(Quantizer):
         per_sample_weight: float = 1.0,
         codebook_weight: float = 1.0,
         temperature: float = 1.0,
+        proj_init: str = "orthogonal",
         backend: str = "auto",
         health: dict | None = None,
     ):
@@ -71,6 +80,12 @@ class FSQ(Quantizer):
         self.backend = backend
         self.in_proj = nn.Linear(self.dim, d) if self.dim != d else nn.Identity()
         self.out_proj = nn.Linear(d, self.dim) if self.dim != d else nn.Identity()
+        C.check_choice("proj_init", proj_init, PROJ_INITS)
+        self.proj_init = proj_init
+        if proj_init == "orthogonal" and isinstance(self.in_proj, nn.Linear):
+            with torch.no_grad():
+                nn.init.orthogonal_(self.in_proj.weight)
+                self.in_proj.bias.zero_()
         self.health = make_health(self.codebook_size, health)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
