@@ -563,20 +563,22 @@ NearestStats nearest_exact(const void* x, const void* codebook, int64_t n, int64
 
   // The file comment's sharper test for a row xr with bound e (row_bound) and best / second-best
   // scores s1 <= s2: true when it proves the winner. F(s) = min(e, g' (N^2 + 2aN) + subnormal),
-  // N = min(max |c_k|, a + sqrt(max(0, s + e + a^2))), a = |x|, g' = g (1 + 1e-6); the 1e-12
-  // inflations cover the double roundings of a, a^2 and max |c_k|. s - F(s) is non-decreasing
+  // N = min(max |c_k|, a + sqrt(max(0, s + e + a^2))), a = |x|, g' = g (1 + 1e-6); the
+  // inflations cover the double roundings of a^2 and max |c_k|^2 (d-term sums: (d + 64) 2^-52,
+  // also ample for their square roots) and of a. s - F(s) is non-decreasing
   // for s >= s2 when r2 = sqrt(s2 + e + a^2) satisfies r2 (1 - g') >= 2 a g' (dF/ds <= g' (1 +
   // 2a/r) where N is not clamped, 0 where it is; taking the min with e keeps it so).
   // VQTOK_NEAREST_REFINE=0 turns the sharper test off (the 2E test alone: the same answers, more
   // rows re-decided), read once per search.
   const char* refine_env = std::getenv("VQTOK_NEAREST_REFINE");
   const bool refine = refine_env == nullptr || std::strcmp(refine_env, "0") != 0;
-  const double gamma_r = gamma * (1 + 1e-6), cnorm_max = cs.norm_max * (1 + 1e-12);
+  const double l2_inflation = 1 + static_cast<double>(d + 64) * std::ldexp(1.0, -52);
+  const double gamma_r = gamma * (1 + 1e-6), cnorm_max = cs.norm_max * l2_inflation;
   auto refined_certificate = [&](const float* xr, double e, double s1, double s2) {
     if (!(e < std::numeric_limits<double>::infinity())) return false;
     double l1, l2;
     df.norms(xr, d, &l1, &l2);
-    l2 *= 1 + 1e-12;
+    l2 *= l2_inflation;
     const double a = std::sqrt(l2) * (1 + 1e-12);
     auto radius = [&](double s) { return std::sqrt(std::max(0.0, s + e + l2)); };
     auto F = [&](double s) {
