@@ -430,8 +430,12 @@ def test_set_overrides_config_fields(qs):
     ste = {r.family: r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["vq_ema_estimator=ste"]))}
     assert ste["vq-ema-kmeans-restart"].setup["estimator"] == "ste" and "vq-ema-kmeans-restart-rot" not in ste
     # the FSQ rows' in-projection: orthogonal (vqtok's default), or nn.Linear's init (the peer's)
+    # and the fsq-entropy rows' (nn.Linear's by default)
+    default = {r.family: r for r in qs.vqtok_rows(qs.QUICK) if r.log2_codes == 10}
+    assert default["fsq"].setup["proj_init"] == "orthogonal" and default["fsq-entropy"].setup["proj_init"] == "linear"
     for how in ("orthogonal", "linear"):
-        fsq = {r.family: r for r in qs.vqtok_rows(qs.override(qs.QUICK, [f"fsq_proj_init={how}"]))
+        fsq = {r.family: r for r in qs.vqtok_rows(qs.override(qs.QUICK, [f"fsq_proj_init={how}",
+                                                                           f"fsq_entropy_proj_init={how}"]))
                if r.log2_codes == 10}
         for fam in ("fsq", "fsq-entropy"):
             assert fsq[fam].setup["proj_init"] == how and fsq[fam].build(qs.QUICK).proj_init == how
