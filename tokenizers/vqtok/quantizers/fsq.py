@@ -5,8 +5,8 @@ codebook has prod(levels) codes and nothing to learn, so it cannot collapse in t
 health tracker still reports usage). When ``dim != len(levels)`` z is projected by Linear(dim, d)
 before and Linear(d, dim) after; the first starts orthogonal with no bias (``proj_init``), so on
 a latent standardised per channel each bounded channel starts at unit variance and spreads over
-its levels (nn.Linear's default init gives about 0.58). The rounding goes through ``vqtok.ops.fsq_quantize`` (fp32,
-straight-through gradient). Shapes: z [B, dim, *spatial] or [N, dim]; indices [B, *spatial] / [N].
+its levels (nn.Linear's default init gives about 0.58). The rounding goes through
+``vqtok.ops.fsq_quantize`` (fp32, straight-through gradient). Shapes: z [B, dim, *spatial] or [N, dim]; indices [B, *spatial] / [N].
 
 Optional entropy regulariser (off by default, as in LFQ): ``entropy_weight * (per_sample_weight *
 H_sample - codebook_weight * H_codebook)`` on the soft assignment softmax(-(u - g)^2 / tau) of each
@@ -78,10 +78,10 @@ class FSQ(Quantizer):
         self.entropy_weight, self.per_sample_weight = float(entropy_weight), float(per_sample_weight)
         self.codebook_weight, self.temperature = float(codebook_weight), float(temperature)
         self.backend = backend
-        self.in_proj = nn.Linear(self.dim, d) if self.dim != d else nn.Identity()
-        self.out_proj = nn.Linear(d, self.dim) if self.dim != d else nn.Identity()
         C.check_choice("proj_init", proj_init, PROJ_INITS)
         self.proj_init = proj_init
+        self.in_proj = nn.Linear(self.dim, d) if self.dim != d else nn.Identity()
+        self.out_proj = nn.Linear(d, self.dim) if self.dim != d else nn.Identity()
         if proj_init == "orthogonal" and isinstance(self.in_proj, nn.Linear):
             with torch.no_grad():
                 nn.init.orthogonal_(self.in_proj.weight)
