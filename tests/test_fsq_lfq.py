@@ -121,6 +121,38 @@ def test_backward_fills_no_zero_index_gradient(backend, device):
         assert not fills, fills
 
 
+def _op_events(fn):
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("vqtok::")}
+
+
+def test_eager_calls_match_the_registered_ops(backend, device):
+    """In eager mode the ops call the backend's functions directly (``_Direct``), not through the
+    ``torch.library`` custom op; codes, indices and gradients equal the registered op's."""
+    levels = [8, 5, 5, 5]
+    for op, bits in (("fsq_forward", None), ("lfq_forward", 12)):
+        z = (torch.randn(3, 50, bits or len(levels)) * 1.5).to(device)
+        quantize = (lambda t: lfq_quantize(t, backend=backend)) if bits else (
+            lambda t: fsq_quantize(t, levels, backend=backend))
+        args = () if bits else (levels,)
+        z1, z2 = z.clone().requires_grad_(), z.reshape(-1, z.shape[-1]).clone().requires_grad_()
+        g = torch.randn_like(z)
+        seen = _op_events(lambda: torch.autograd.grad(quantize(z1)[0], z1, g))
+        assert f"vqtok::{op}" not in seen, seen
+        codes, idx = quantize(z1)
+        ref_codes, ref_idx = getattr(torch.ops.vqtok, op)(z2, *args, backend)
+        assert torch.equal(codes.reshape(-1, z.shape[-1]), ref_codes) and torch.equal(idx.reshape(-1), ref_idx)
+        (grad,) = torch.autograd.grad(codes, z1, g)
+        (ref_grad,) = torch.autograd.grad(ref_codes, z2, g.reshape(-1, z.shape[-1]))
+        assert torch.equal(grad.reshape(-1, z.shape[-1]), ref_grad)
+        with torch.no_grad():  # no autograd node: the forward function alone
+            assert torch.equal(quantize(z1)[1], idx)
+        assert not quantize(z1.detach())[0].requires_grad
+
+
 def test_fsq_bf16_indices_exact(backend, device):
     levels = [8, 8, 8, 5, 5, 5]  # 64000 codes: bf16 cannot hold these indices
     z = torch.randn(2000, 6)
@@ -208,3 +240,28 @@ def test_lfq_bad_input():
         lfq_quantize(torch.randn(3, 0))
     with pytest.raises(ValueError, match="non-finite"):
         lfq_quantize(torch.tensor([[float("inf")]]))
+
+
+def test_study_fsq_step_bench_script(tmp_path, capsys):
+    """benchmarks/bench_study_fsq_step.py times the study's FSQ step beside the peer's and the op's
+    direct call beside the registered op, and writes both to JSON."""
+    import json
+
+    from scripts import load_script
+
+    mod = load_script("benchmarks/bench_study_fsq_step.py")
+    out = tmp_path / "s.json"
+    assert mod.main(["--sizes", "10", "--reps", "2", "--inner", "1", "--batch", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    impls = {(r["kind"], r["impl"]) for r in rows}
+    assert {("module", "vqtok"), ("op", "direct"), ("op", "registered")} <= impls
+    for r in rows:
+        assert r["levels"] == [8, 5, 5, 5] and r["codes"] == 1000 and r["tokens"] == 128
+        assert 0 < r["min_us"] <= r["median_us"] <= r["max_us"] and r["reps"] == 2
+    ratios = {(r["kind"], r["impl"]): r.get("ratio") for r in rows}
+    assert ratios[("op", "direct")] > 0 and ratios[("op", "registered")] is None
+    if ("module", "vector-quantize-pytorch") in impls:
+        assert ratios[("module", "vqtok")] > 0
+    assert "8,5,5,5" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--sizes", "12"])

@@ -41,6 +41,39 @@ def _check_finite_unless_fused(op: str, name: str, backend: str, t: torch.Tensor
     _checks.check_finite(name, t)
 
 
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Whether an op may skip its ``torch.library`` custom op and call the backend's functions
+    directly (``_Direct``): plain tensors (no fake or other tensor subclass) outside
+    torch.compile, where the custom op's dispatch would only add its Python cost, in the forward
+    and again in the backward (``benchmarks/bench_quantizer_step.py``)."""
+    return not _checks._compiling() and all(type(t) is torch.Tensor for t in tensors)
+
+
+class _Direct(torch.autograd.Function):
+    """An elementwise quantiser's custom op in eager mode: ``forward(z, *args)`` -> (codes,
+    indices), and ``backward(grad_codes, z, *args)`` -> grad z (None: straight-through, the
+    identity). The same functions, values and gradients as the registered op's, one dispatch."""
+
+    @staticmethod
+    def forward(ctx, z, forward, backward, args):
+        codes, idx = forward(z, *args)
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)
+        if backward is not None:
+            ctx.save_for_backward(z)
+        ctx.backward_fn, ctx.args = backward, args
+        return codes, idx
+
+    @staticmethod
+    def backward(ctx, grad_codes, grad_idx):
+        if grad_codes is None:
+            return None, None, None, None
+        if ctx.backward_fn is None:
+            return grad_codes, None, None, None
+        (z,) = ctx.saved_tensors
+        return ctx.backward_fn(grad_codes.contiguous(), z, *ctx.args).to(z.dtype), None, None, None
+
+
 # --------------------------------------------------------------------------------------------
 # nearest_code
 # --------------------------------------------------------------------------------------------
@@ -168,7 +201,14 @@ def fsq_quantize(z: torch.Tensor, levels, *, backend: str | Backend = "auto"):
     _check_finite_unless_fused("fsq_forward", "z", name, z)
     lead = z.shape[:-1]
     flat = z.reshape(-1, len(levels)).contiguous()
-    codes, idx = _fsq_forward(flat, levels, name)
+    if _eager(flat):
+        fwd = resolve("fsq_forward", name, flat.device)
+        if flat.requires_grad and torch.is_grad_enabled():
+            codes, idx = _Direct.apply(flat, fwd, resolve("fsq_backward", name, flat.device), (levels,))
+        else:
+            codes, idx = fwd(flat, levels)
+    else:
+        codes, idx = _fsq_forward(flat, levels, name)
     return codes.to(z.dtype).reshape(z.shape), idx.reshape(lead)
 
 
@@ -229,7 +269,14 @@ def lfq_quantize(z: torch.Tensor, *, backend: str | Backend = "auto"):
     name = _backend_name(backend)
     _check_finite_unless_fused("lfq_forward", "z", name, z)
     flat = z.reshape(-1, bits).contiguous()
-    codes, idx = _lfq_forward(flat, name)
+    if _eager(flat):
+        fwd = resolve("lfq_forward", name, flat.device)
+        if flat.requires_grad and torch.is_grad_enabled():
+            codes, idx = _Direct.apply(flat, fwd, None, ())
+        else:
+            codes, idx = fwd(flat)
+    else:
+        codes, idx = _lfq_forward(flat, name)
     return codes.to(z.dtype).reshape(z.shape), idx.reshape(z.shape[:-1])
 
 
