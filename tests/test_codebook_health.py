@@ -282,3 +282,29 @@ def test_native_update_matches_the_torch_path(k, n, monkeypatch):
             torch.testing.assert_close(s[key], r[key], rtol=2e-6, atol=0, msg=key)
         assert s["dead_codes"].dtype == torch.int64
     assert len(calls) == expected  # every update but the empty id batch ran in the extension
+
+
+@pytest.mark.skipif(not __import__("vqtok.ops._native", fromlist=["x"]).health_available(),
+                    reason="vqtok._C with the health kernel is not built")
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_native_decay_pass_at_every_isa_level(isa, monkeypatch):
+    """The extension's pass over K (decay, flush below the smallest normal float, dead count) has
+    one function per ISA level (``VQTOK_ISA`` picks a lower one; a level the CPU lacks falls back):
+    each gives the torch path's EMA bits and dead codes, with entries at the flush and the dead
+    threshold and a K that leaves a tail after every vector width."""
+    monkeypatch.setenv("VQTOK_ISA", isa)
+    k = (1 << 14) + 13
+    g = torch.Generator().manual_seed(3)
+    fast, ref = CodebookHealth(k, decay=0.5), CodebookHealth(k, decay=0.5)
+    ref.native = False
+    start = torch.rand(k, generator=g) * 4e-5
+    start[::7] = torch.finfo(torch.float32).tiny * torch.rand(len(start[::7]), generator=g) * 4  # flushed in a step or two
+    for h in (fast, ref):
+        h.ema_probs.copy_(start)
+        h.steps.fill_(3)
+    for step in range(6):
+        idx = torch.randint(0, k, (300,), generator=g)
+        s, r = fast.update(idx), ref.update(idx)
+        assert torch.equal(fast.ema_probs, ref.ema_probs), step
+        assert int(s["dead_codes"]) == int(r["dead_codes"]) and 0 < int(s["dead_codes"]) < k, step
+    assert int((fast.ema_probs == 0).sum()) >= len(start[::7]) - 300

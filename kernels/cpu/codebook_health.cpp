@@ -1,5 +1,6 @@
 // One step of codebook health tracking; see vqtok/codebook_health.h.
 #include "vqtok/codebook_health.h"
+#include "vqtok/cpu_features.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -35,8 +36,11 @@ inline float decayed(float v, float d) {
 }
 
 // ema = flush(ema * d) over [0, k); returns how many end below `threshold`. Counted in int32
-// blocks, which the compiler vectorises (an int64 count of comparisons it does not).
-int64_t decay_and_count(float* ema, int64_t k, float d, float threshold) {
+// blocks, which the compiler vectorises (an int64 count of comparisons it does not); inlined into
+// one function per ISA level, each vectorised at its own width (the same bits: one multiply, one
+// compare each).
+__attribute__((always_inline)) inline int64_t decay_and_count_body(float* __restrict ema, int64_t k, float d,
+                                                                   float threshold) {
   int64_t below = 0;
   for (int64_t start = 0; start < k; start += int64_t{1} << 20) {
     const int64_t end = std::min(k, start + (int64_t{1} << 20));
@@ -49,6 +53,26 @@ int64_t decay_and_count(float* ema, int64_t k, float d, float threshold) {
     below += block;
   }
   return below;
+}
+
+int64_t decay_and_count_sse2(float* ema, int64_t k, float d, float threshold) {
+  return decay_and_count_body(ema, k, d, threshold);
+}
+
+__attribute__((target("avx2"))) int64_t decay_and_count_avx2(float* ema, int64_t k, float d, float threshold) {
+  return decay_and_count_body(ema, k, d, threshold);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) int64_t decay_and_count_avx512(float* ema, int64_t k, float d,
+                                                                                       float threshold) {
+  return decay_and_count_body(ema, k, d, threshold);
+}
+
+int64_t decay_and_count(float* ema, int64_t k, float d, float threshold) {
+  const Isa isa = active_isa();
+  return isa == Isa::Avx512 ? decay_and_count_avx512(ema, k, d, threshold)
+         : isa == Isa::Avx2 ? decay_and_count_avx2(ema, k, d, threshold)
+                            : decay_and_count_sse2(ema, k, d, threshold);
 }
 
 // Per-thread scratch of the sparse path, kept between calls: counts (all zero between calls; only
