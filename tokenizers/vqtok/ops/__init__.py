@@ -45,7 +45,7 @@ def _eager(*tensors: torch.Tensor) -> bool:
     """Whether an op may skip its ``torch.library`` custom op and call the backend's functions
     directly (``_Direct``): plain tensors (no fake or other tensor subclass) outside
     torch.compile, where the custom op's dispatch would only add its Python cost, in the forward
-    and again in the backward (``benchmarks/bench_quantizer_step.py``)."""
+    and again in the backward (``benchmarks/bench_study_fsq_step.py --kinds op``)."""
     return not _checks._compiling() and all(type(t) is torch.Tensor for t in tensors)
 
 

@@ -37,8 +37,8 @@ from ._common import all_reduce_sum_, is_distributed, keep_fp32
 MAX_TRACKED_CODES = 1 << 24  # the histogram costs 16 bytes per code
 MOMENTS_RESUM_STEPS = 1024  # the EMA's carried moments are summed afresh from the buffer this often
 # and carried only through updates of fewer than K / 4 distinct codes: two x log x per distinct
-# code against one per code for the resum (at 1536 tokens and 2^14 codes, ~1200 distinct, the
-# resum was most of the update's time in the extension's path)
+# code against one per code for the resum (at 1536 tokens and 2^14 codes, over a thousand
+# distinct, the resum was about half the update's time in the extension's path)
 MOMENTS_CARRY_RATIO = 4
 
 
@@ -244,8 +244,8 @@ class CodebookHealth(nn.Module):
 
     def _set_moments(self, moments: tuple[float, float], age: int) -> None:
         ema = self.ema_probs
-        # plain attributes, set past nn.Module.__setattr__ (its checks cost more than the update's
-        # Python at a small codebook; it would only redirect tensors and modules, which these are not)
+        # plain attributes, set past nn.Module.__setattr__ (its checks, a few µs an update, only
+        # redirect parameters, buffers and modules, which these are not)
         vars(self).update(_moments=moments, _moments_key=(id(ema), ema.data_ptr(), ema._version), _moments_age=age)
 
     def _ema_entropy(self) -> float:
