@@ -119,6 +119,7 @@ class StudyConfig:
     # the fsq-entropy rows': nn.Linear's init (with the orthogonal start their 2^18 row kept 0.947-0.966
     # of the codes over three seeds, against 0.959-0.971)
     fsq_entropy_proj_init: str = "linear"
+    fsq_noise: float = 0.0  # vqtok FSQ rows' dither probability (FSQ(noise=...); 0: every value rounded)
     fsq_entropy: tuple = (0.01, 0.5)  # fsq-entropy rows at ``sizes``: entropy weight, temperature (level units)
     fsq_entropy_big: tuple = (0.03, 0.5)  # the same at ``big_sizes``
     lfq_entropy: tuple = (0.1, 0.3, 1.0)  # LFQ rows at ``sizes``: entropy weight, temperature, per-sample term's weight
@@ -505,7 +506,8 @@ def vqtok_rows(cfg: StudyConfig) -> list[Row]:
         ]
     for b in (*cfg.sizes, *cfg.big_sizes):
         rows += [
-            _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b], proj_init=cfg.fsq_proj_init),
+            _vqtok_row("fsq", b, "fsq", cfg, levels=FSQ_LEVELS[b], proj_init=cfg.fsq_proj_init,
+                       **({"noise": cfg.fsq_noise} if cfg.fsq_noise else {})),
             _vqtok_row("fsq-entropy", b, "fsq", cfg, levels=FSQ_LEVELS[b], proj_init=cfg.fsq_entropy_proj_init,
                        **fsq_entropy(cfg, b)),
             # B bits need B latent channels: a Linear from fewer spans a subspace whose regions

@@ -85,6 +85,8 @@ def describe_setup(setup: dict, config: dict) -> str:
             parts.append(f"levels {text}")
         if s.pop("proj_init", "linear") == "orthogonal":
             parts.append("orthogonal in-projection")
+        if s.get("noise"):
+            parts.append(f"dither {_num(s.pop('noise'))}")
     elif name in ("lfq", "bsq"):
         s.pop("bits", None)
         parts.append(f"entropy {_num(s.pop('entropy_weight'))}, τ {_num(s.pop('temperature'))}")

@@ -439,6 +439,11 @@ def test_set_overrides_config_fields(qs):
                if r.log2_codes == 10}
         for fam in ("fsq", "fsq-entropy"):
             assert fsq[fam].setup["proj_init"] == how and fsq[fam].build(qs.QUICK).proj_init == how
+    # the FSQ rows' dither: off by default, FSQ(noise=...) and "dither p" in the setup with fsq_noise
+    assert "noise" not in default["fsq"].setup and default["fsq"].build(qs.QUICK).noise == 0
+    dith = {r.family: r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["fsq_noise=0.5"])) if r.log2_codes == 10}
+    assert dith["fsq"].setup["noise"] == 0.5 and dith["fsq"].build(qs.QUICK).noise == 0.5
+    assert "noise" not in dith["fsq-entropy"].setup
     # the l2-normalised rows' code dimension: in the family's name, built with it
     d8 = {(r.family, r.log2_codes): r for r in qs.vqtok_rows(qs.override(qs.QUICK, ["l2norm_dim=8"]))}
     assert d8["vq-l2norm-dim8", 10].setup["codebook_dim"] == 8 and ("vq-l2norm-dim3", 10) not in d8

@@ -587,6 +587,38 @@ def test_simvq_init_std_scales_the_frozen_basis():
             SimVQ(4, 8, init_std=bad)
 
 
+def test_fsq_dither_replaces_a_fraction_of_the_rounding():
+    """FSQ(noise=p) in training: a p fraction of the values become bound + U(-1/2, 1/2) levels
+    (divided by L // 2), the rest stay rounded; the gradient and the indices are those of the
+    plain FSQ; evaluation rounds everything."""
+    from vqtok.ops.reference import fsq_constants
+
+    levels = [8, 5, 5, 5]
+    half_l, offset, shift, half_width = (t.double() for t in fsq_constants(levels))
+    plain = FSQ(levels).train()  # dim = len(levels): no projection, the output is the codes
+    for p in (1.0, 0.5):
+        noisy = FSQ(levels, noise=p).train()
+        z = torch.randn(4000, 4) * 1.5
+        za, zb = z.clone().requires_grad_(), z.clone().requires_grad_()
+        a, b = plain(za), noisy(zb)
+        assert torch.equal(a.indices, b.indices)
+        g = torch.randn_like(a.quantized)
+        (a.quantized * g).sum().backward()
+        (b.quantized * g).sum().backward()
+        assert torch.equal(za.grad, zb.grad)
+        bound = torch.tanh(z.double() + shift) * half_l - offset
+        err = b.quantized.double() * half_width - bound  # in level units: U(-1/2, 1/2) where dithered
+        assert err.abs().max() <= 0.5 + 1e-5
+        dithered = b.quantized != a.quantized  # a uniform draw lands on the rounded level with probability 0
+        assert abs(float(dithered.double().mean()) - p) < 0.03
+        assert torch.equal(noisy.eval()(z).quantized, plain.eval()(z).quantized)  # no dither in eval
+        noisy.train()
+    assert "noise=0.5" in repr(FSQ(levels, dim=16, noise=0.5))
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="noise"):
+            FSQ(levels, noise=bad)
+
+
 def test_fsq_in_projection_starts_orthogonal():
     torch.manual_seed(0)
     q = FSQ([8, 5, 5, 5], dim=16)

@@ -43,6 +43,8 @@ def test_every_study_setup_is_described_in_words(md, qs):
     assert by[("rvq-2x", "vqtok", 14)] == f"2 x 128 codes, EMA, k-means, restart < 2/step {stop}"
     assert by[("fsq", "vqtok", 18)] == "levels 8^6, orthogonal in-projection"
     assert by[("fsq", "vqtok", 10)] == "levels 8,5,5,5, orthogonal in-projection"
+    dithered = {r.log2_codes: r for r in qs.vqtok_rows(qs.override(cfg, ["fsq_noise=0.5"])) if r.family == "fsq"}
+    assert md.describe_setup(dithered[10].setup, config) == "levels 8,5,5,5, orthogonal in-projection, dither 0.5"
     assert by[("fsq-entropy", "vqtok", 10)] == "8,5,5,5; entropy 0.01, τ 0.5"
     assert by[("lfq", "vqtok", 18)] == "entropy 5, τ 0.3, 18-channel latent"
     assert by[("simvq", "vqtok", 14)] == "basis std 1.0, W at 3x lr"

@@ -12,6 +12,13 @@ Optional entropy regulariser (off by default, as in LFQ): ``entropy_weight * (pe
 H_sample - codebook_weight * H_codebook)`` on the soft assignment softmax(-(u - g)^2 / tau) of each
 bounded value u to its level grid, from ``vqtok.ops.fsq_entropy`` (exact, never an N x K matrix,
 global batch under DDP). It pushes the codebook towards uniform usage; training mode only.
+
+Optional dither (``noise``, off by default; training mode only): each bounded value is, with
+probability ``noise``, passed on as itself plus uniform noise of one level's width instead of its
+rounded level (the noise substitution of Parker et al. 2024, "Scaling Transformers for Low-Bitrate
+High-Quality Speech Coding", section 3.2), so the decoder trains on the rounding's error
+distribution rather than on the levels alone. The gradient is the straight-through one either way
+and the indices are always the rounded levels' (every index a valid code).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch import nn
 
 from vqtok.ops import _checks, fsq_entropy, fsq_indices_to_codes, fsq_quantize
 from vqtok.ops.lfq_entropy import MAX_TORCH_BITS
+from vqtok.ops.reference import fsq_constants
 
 from . import _common as C
 from .base import Quantizer, QuantizerOutput
@@ -44,6 +52,8 @@ class FSQ(Quantizer):
         proj_init: init of the in-projection (when dim != len(levels)): "orthogonal" (default;
             orthonormal rows, zero bias) or "linear" (nn.Linear's own init, as the FSQ paper's
             reference and vector-quantize-pytorch have it).
+        noise: probability that a bounded value in training is dithered (itself plus U(-1/2, 1/2)
+            of a level) instead of rounded; 0 (the default) rounds every value.
         backend: backend of the quantise op.
         health: CodebookHealth kwargs.
     """
@@ -58,6 +68,7 @@ class FSQ(Quantizer):
         codebook_weight: float = 1.0,
         temperature: float = 1.0,
         proj_init: str = "orthogonal",
+        noise: float = 0.0,
         backend: str = "auto",
         health: dict | None = None,
     ):
@@ -72,12 +83,14 @@ class FSQ(Quantizer):
                 raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise <= 1.0:
+            raise ValueError(f"noise must be a probability in [0, 1], got {noise!r}")
         if entropy_weight > 0 and self.codebook_size > 2**MAX_TORCH_BITS:  # fsq_entropy holds pbar (K floats)
             raise ValueError(f"entropy_weight > 0 needs codebook_size <= 2^{MAX_TORCH_BITS}, "
                              f"got {self.codebook_size} (levels {self.levels})")
         self.entropy_weight, self.per_sample_weight = float(entropy_weight), float(per_sample_weight)
         self.codebook_weight, self.temperature = float(codebook_weight), float(temperature)
-        self.backend = backend
+        self.backend, self.noise = backend, float(noise)
         C.check_choice("proj_init", proj_init, PROJ_INITS)
         self.proj_init = proj_init
         self.in_proj = nn.Linear(self.dim, d) if self.dim != d else nn.Identity()
@@ -94,6 +107,8 @@ class FSQ(Quantizer):
         with C.fp32_region(z.device):
             h = self.in_proj(x.to(torch.float32))
             codes, idx = fsq_quantize(h, self.levels, backend=self.backend)
+            if self.noise > 0 and self.training:
+                codes = self.dither(h, codes)
             out = self.out_proj(codes)
             loss = out.new_zeros(())
             # under DDP a rank with no tokens still joins the entropy's all-reduces
@@ -105,6 +120,17 @@ class FSQ(Quantizer):
         if entropies is not None:
             stats["entropy_sample"], stats["entropy_codebook"] = (e.detach() for e in entropies)
         return QuantizerOutput(layout.unflatten(out).to(z.dtype), layout.indices(idx), loss, stats)
+
+    def dither(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``codes`` (rounded levels / (L // 2), straight-through) with a ``noise`` fraction of the
+        entries replaced in value by (bound(h) + U(-1/2, 1/2)) / (L // 2), gradients unchanged."""
+        half_l, offset, shift, half_width = fsq_constants(self.levels, device=h.device)
+        with torch.no_grad():
+            bound = torch.tanh(h + shift) * half_l - offset
+            dithered = (bound + torch.rand_like(bound) - 0.5) / half_width
+            pick = torch.rand_like(bound) < self.noise
+            delta = torch.where(pick, dithered - codes, torch.zeros_like(codes))
+        return codes + delta
 
     def entropy_loss(self, per_sample: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """entropy_weight * (per_sample_weight * H_sample - codebook_weight * H_codebook)."""
@@ -127,4 +153,5 @@ class FSQ(Quantizer):
 
     def extra_repr(self) -> str:
         extra = f", entropy_weight={self.entropy_weight}" if self.entropy_weight > 0 else ""
+        extra += f", noise={self.noise}" if self.noise > 0 else ""
         return f"levels={self.levels}, dim={self.dim}, codebook_size={self.codebook_size}{extra}"
