@@ -50,20 +50,19 @@ def _module_steps(levels: list[int], z: torch.Tensor) -> dict:
     ours = FSQ(levels, dim=d).train()
     steps = {}
 
-    def step_of(module, quantized):
+    def step_of(module):
         def step():
             x = z.clone().requires_grad_()
-            out = quantized(module(x))
-            out.square().mean().backward()
+            module(x).quantized.square().mean().backward()
         return step
 
-    steps["vqtok"] = step_of(ours, lambda out: out.quantized)
+    steps["vqtok"] = step_of(ours)
     try:
         import vector_quantize_pytorch as vqp
     except ImportError:
         return steps
     peer = PeerAdapter(vqp.FSQ(levels=levels, dim=d), math.prod(levels), False).train()
-    steps["vector-quantize-pytorch"] = step_of(peer, lambda out: out.quantized)
+    steps["vector-quantize-pytorch"] = step_of(peer)
     return steps
 
 
