@@ -880,14 +880,34 @@ def run_study(cfg: StudyConfig, rows_filter: list[str] | None = None, progress: 
     return res
 
 
+# each vqtok family's vector-quantize-pytorch counterpart (the rows the README compares in pairs)
+PEER_FAMILY = {"vq-ema-kmeans-restart-rot": "vq-ema-kmeans-restart-rot",
+               "vq-ema-kmeans-restart": "vq-ema-kmeans-restart-rot", "fsq": "fsq", "lfq": "lfq-entropy"}
+
+
+def run_order(rows: list[Row], runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The order workers take ``runs`` (row index, seed) in, skipped rows left out: rows with more
+    codes first, so the long rows do not end the study alone; at a size, each peer row (in table
+    order) with its vqtok counterpart right after it at the same seed, so a pair trains side by
+    side or back to back, under the same phase of a shared machine (its ``train s`` and ``cost``
+    compare); then the vqtok rows without a counterpart."""
+    peer_at = {(r.family, r.log2_codes): i for i, r in enumerate(rows) if r.impl != "vqtok" and not r.skip}
+
+    def key(run):
+        i, seed = run
+        r = rows[i]
+        anchor = i if r.impl != "vqtok" else peer_at.get((PEER_FAMILY.get(r.family), r.log2_codes))
+        return (-r.log2_codes, anchor is None, anchor or 0, seed, r.impl == "vqtok", i)
+
+    return sorted((run for run in runs if not rows[run[0]].skip), key=key)
+
+
 def run_in_workers(cfg: StudyConfig, rows: list[Row], runs: list[tuple[int, int]], jobs: int, threads: int):
     """Yields ((row index, seed), result) for every run of ``runs`` as ``jobs`` worker processes
-    (this script with ``--worker``, ``threads`` // ``jobs`` torch threads each) finish them. Rows
-    with more codes go first (the peers' before vqtok's at a size), so the long rows do not end
-    the study alone; a skipped row is answered here. A row that fails in its worker raises here
+    (this script with ``--worker``, ``threads`` // ``jobs`` torch threads each) finish them, in
+    ``run_order``; a skipped row is answered here. A row that fails in its worker raises here
     with the worker's traceback, after the other workers have been stopped."""
-    todo = sorted((run for run in runs if not rows[run[0]].skip),
-                  key=lambda run: (-rows[run[0]].log2_codes, rows[run[0]].impl == "vqtok"))
+    todo = run_order(rows, runs)
     for run in runs:
         if rows[run[0]].skip:
             yield run, run_row(rows[run[0]], cfg, None, None, None)

@@ -295,6 +295,30 @@ def test_jobs_run_rows_in_worker_processes(qs, tmp_path):
         qs.main([*argv, "--jobs", "0"])
 
 
+def test_workers_take_each_pair_back_to_back(qs):
+    """run_order: sizes from the largest; at a size each runnable peer row, then its vqtok
+    counterpart at the same seed, then the vqtok rows without one; skipped rows left out."""
+    rows = qs.study_rows(qs.FULL)
+    runs = [(i, seed) for i in range(len(rows)) for seed in (0, 1)]
+    order = qs.run_order(rows, runs)
+    assert sorted(order) == sorted(run for run in runs if not rows[run[0]].skip)
+    sizes = [rows[i].log2_codes for i, _ in order]
+    assert sizes == sorted(sizes, reverse=True)
+    peers = [k for k, (i, _) in enumerate(order) if rows[i].impl != "vqtok"]
+    assert peers, "vector-quantize-pytorch is a dev dependency"
+    for k in peers:
+        (i, seed), (j, seed2) = order[k], order[k + 1]
+        assert rows[j].impl == "vqtok" and qs.PEER_FAMILY[rows[j].family] == rows[i].family
+        assert rows[j].log2_codes == rows[i].log2_codes and seed2 == seed
+    # the first vqtok row of a size without a counterpart comes after every pair of that size
+    for b in (10, 14, 18):
+        at = [(k, rows[i]) for k, (i, _) in enumerate(order) if rows[i].log2_codes == b]
+        last_pair = max((k + 1 for k, r in at if r.impl != "vqtok"), default=-1)
+        lone = [k for k, r in at if r.impl == "vqtok" and (qs.PEER_FAMILY.get(r.family), b) not in
+                {(p.family, p.log2_codes) for _, p in at if p.impl != "vqtok"}]
+        assert all(k > last_pair for k in lone)
+
+
 def test_restarts_stop_after_their_share_of_steps(qs, monkeypatch):
     from vqtok.quantizers import build_quantizer
     from vqtok.quantizers.vq import VectorQuantizer
