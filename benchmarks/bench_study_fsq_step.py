@@ -1,7 +1,7 @@
 """The quantizer study's FSQ step, side by side: vqtok's FSQ against vector-quantize-pytorch's.
 
 At the study's shape (a [24, 16, 8, 8] latent: 1536 tokens of 16 channels; the study's levels for
-2^10, 2^14 and 2^18 codes), two kinds of rows:
+2^10, 2^14 and 2^18 codes), three kinds of rows:
 
 * ``module``: one training step of the quantizer alone, vqtok's ``FSQ(levels, dim=16)`` (its
   codebook-health update included) and the peer's ``FSQ(levels=..., dim=16)`` on the same latent,
@@ -9,6 +9,10 @@ At the study's shape (a [24, 16, 8, 8] latent: 1536 tokens of 16 channels; the s
   loss mean(out^2), backward. The step's share of a study training step is small (the
   autoencoder's own step is 10-20 ms here), so the study's ``train s`` and ``cost`` columns
   cannot resolve it; this can.
+* ``train``: the study's whole training step (``quantizer_study.train_step``: its autoencoder
+  around each FSQ, MSE + the quantizer's loss, backward, AdamW) on a fixed batch of 24 32 px
+  crops of noise, the two models from the same seed: the step the study's rows time, with
+  whatever the quantizer costs the rest of the step (caches, allocations) as well.
 * ``op``: ``vqtok.ops.fsq_quantize`` forward + backward on [1536, len(levels)], the direct eager
   call it makes against the registered ``torch.library`` op (``torch.ops.vqtok.fsq_forward``
   under autograd, the route every eager call took before the direct one, and the one
@@ -39,7 +43,7 @@ from vqtok.bench.report import format_table
 from vqtok.bench.revision import interleaved
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantizer_study import FSQ_LEVELS, PeerAdapter  # noqa: E402  (the study's levels and adapter)
+import quantizer_study as study  # noqa: E402  (the study's levels, adapter, model and step)
 
 
 def _module_steps(levels: list[int], z: torch.Tensor) -> dict:
@@ -61,8 +65,31 @@ def _module_steps(levels: list[int], z: torch.Tensor) -> dict:
         import vector_quantize_pytorch as vqp
     except ImportError:
         return steps
-    peer = PeerAdapter(vqp.FSQ(levels=levels, dim=d), math.prod(levels), False).train()
+    peer = study.PeerAdapter(vqp.FSQ(levels=levels, dim=d), math.prod(levels), False).train()
     steps["vector-quantize-pytorch"] = step_of(peer)
+    return steps
+
+
+def _train_steps(levels: list[int], batch: int, seed: int) -> dict:
+    """The study's training step with each FSQ (same autoencoder init, same batch)."""
+    from vqtok.quantizers import FSQ
+
+    cfg = study.FULL
+    quantizers = {"vqtok": lambda: FSQ(levels, dim=cfg.latent_dim)}
+    try:
+        import vector_quantize_pytorch as vqp
+
+        quantizers["vector-quantize-pytorch"] = lambda: study.PeerAdapter(
+            vqp.FSQ(levels=levels, dim=cfg.latent_dim), math.prod(levels), False)
+    except ImportError:
+        pass
+    x = torch.rand(batch, 3, cfg.crop, cfg.crop, generator=torch.Generator().manual_seed(seed))
+    steps = {}
+    for name, build in quantizers.items():
+        torch.manual_seed(seed)
+        model = study.StudyAE(build(), cfg.latent_dim, cfg.width, cfg.latent_norm).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        steps[name] = lambda model=model, opt=opt: study.train_step(model, opt, x)
     return steps
 
 
@@ -91,11 +118,13 @@ def _op_steps(levels: list[int], tokens: int, seed: int) -> dict:
 
 def measure(levels: list[int], kind: str, batch: int = 24, dim: int = 16, grid: int = 8, reps: int = 21,
             inner: int = 20, seed: int = 0) -> list[dict]:
-    """Rows of one size and kind ("module" or "op"): microseconds per call of each case."""
+    """Rows of one size and kind ("module", "train" or "op"): microseconds per call of each case."""
     torch.manual_seed(seed)
     if kind == "module":
         z = torch.randn(batch, dim, grid, grid, generator=torch.Generator().manual_seed(seed))
         steps = _module_steps(levels, z)
+    elif kind == "train":
+        steps = _train_steps(levels, batch, seed)
     else:
         steps = _op_steps(levels, batch * grid * grid, seed)
 
@@ -108,7 +137,7 @@ def measure(levels: list[int], kind: str, batch: int = 24, dim: int = 16, grid: 
     for fn in steps.values():  # warm-up: first-call caches, lazy imports
         fn()
     times = interleaved({n: repeat(fn) for n, fn in steps.items()}, reps)
-    base = "vector-quantize-pytorch" if kind == "module" else "registered"
+    base = "registered" if kind == "op" else "vector-quantize-pytorch"
     rows = []
     for name, ts in times.items():
         us = [t * 1e6 / inner for t in ts]
@@ -132,7 +161,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10,14,18", help="log2 codebook sizes: the study's FSQ levels for each")
-    ap.add_argument("--kinds", default="module,op", help="comma-separated: module, op")
+    ap.add_argument("--kinds", default="module,train,op", help="comma-separated: module, train, op")
     ap.add_argument("--reps", type=int, default=21, help="reps per case (median reported)")
     ap.add_argument("--inner", type=int, default=20, help="calls per rep")
     ap.add_argument("--batch", type=int, default=24, help="latents per step (the study's crops per step)")
@@ -144,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         ap.error("--sizes expects comma-separated integers")
     kinds = [k for k in args.kinds.split(",") if k.strip()]
-    if not sizes or any(b not in FSQ_LEVELS for b in sizes):
-        ap.error(f"--sizes must be among {sorted(FSQ_LEVELS)}")
-    if not kinds or any(k not in ("module", "op") for k in kinds):
-        ap.error("--kinds must be among module, op")
+    if not sizes or any(b not in study.FSQ_LEVELS for b in sizes):
+        ap.error(f"--sizes must be among {sorted(study.FSQ_LEVELS)}")
+    if not kinds or any(k not in ("module", "train", "op") for k in kinds):
+        ap.error("--kinds must be among module, train, op")
     if args.reps < 1 or args.inner < 1 or args.batch < 1 or args.threads < 1:
         ap.error("--reps, --inner, --batch and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     rows = [r for b in sizes for k in kinds
-            for r in measure(FSQ_LEVELS[b], k, batch=args.batch, reps=args.reps, inner=args.inner)]
+            for r in measure(study.FSQ_LEVELS[b], k, batch=args.batch, reps=args.reps, inner=args.inner)]
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

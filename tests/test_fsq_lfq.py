@@ -254,14 +254,14 @@ def test_study_fsq_step_bench_script(tmp_path, capsys):
     assert mod.main(["--sizes", "10", "--reps", "2", "--inner", "1", "--batch", "2", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     impls = {(r["kind"], r["impl"]) for r in rows}
-    assert {("module", "vqtok"), ("op", "direct"), ("op", "registered")} <= impls
+    assert {("module", "vqtok"), ("train", "vqtok"), ("op", "direct"), ("op", "registered")} <= impls
     for r in rows:
         assert r["levels"] == [8, 5, 5, 5] and r["codes"] == 1000 and r["tokens"] == 128
         assert 0 < r["min_us"] <= r["median_us"] <= r["max_us"] and r["reps"] == 2
     ratios = {(r["kind"], r["impl"]): r.get("ratio") for r in rows}
     assert ratios[("op", "direct")] > 0 and ratios[("op", "registered")] is None
     if ("module", "vector-quantize-pytorch") in impls:
-        assert ratios[("module", "vqtok")] > 0
+        assert ratios[("module", "vqtok")] > 0 and ratios[("train", "vqtok")] > 0
     assert "8,5,5,5" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         mod.main(["--sizes", "12"])
