@@ -55,6 +55,21 @@ def test_preset_trains_tiny(preset, tmp_path):
     assert model.encode(x).shape[1:] == model.token_grid(x.shape[1:])
 
 
+def test_collapse_warning_waits_for_the_health_horizon(tmp_path, capsys):
+    """A codebook that reads as collapsed from step 1 (1000 FSQ codes, 8 tokens a step) is warned
+    about at step 100, once the tracker's EMA has a horizon behind it, and not again before 200."""
+    from vqtok import train as train_mod
+
+    overrides = [o for o in COMMON if not o.startswith("train.steps")] + TINY["demo"] + [
+        "train.steps=150", "train.eval_every=1000", "train.log_every=1000", "train.ckpt_every=1000"]
+    cfg = load_config("demo", None, overrides)
+    cfg.quantizer = {"name": "fsq", "levels": [8, 5, 5, 5], "dim": cfg.quantizer["dim"]}
+    train(cfg, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if "codebook collapse signalled" in line]
+    assert len(warned) == 1 and f"step {train_mod.COLLAPSE_WARN_STEPS}:" in warned[0], warned
+
+
 def test_lr_schedule():
     assert lr_at(0, 1.0, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_at(9, 1.0, 10, 100, 0.1) == pytest.approx(1.0)

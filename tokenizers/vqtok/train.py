@@ -34,6 +34,11 @@ from .data import build_dataset
 from .losses import TokenizerObjective, check_lpips_weights
 from .models import build_autoencoder, build_discriminator
 
+# The collapse warning waits this many steps (the health tracker's EMA horizon at its default decay
+# 0.99: before it, a codebook still at its init, e.g. FSQ's few codes at step 1, reads as collapsed)
+# and repeats at most this often.
+COLLAPSE_WARN_STEPS = 100
+
 
 # --------------------------------------------------------------------------------------------
 # schedule, EMA, batches
@@ -306,7 +311,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, device: tor
 
         stats = out.quant.stats
         done = step + 1
-        if bool(_scalar(stats.get("collapse", 0))) and done - collapse_warned >= 100 and di.is_main:
+        if (bool(_scalar(stats.get("collapse", 0))) and done >= COLLAPSE_WARN_STEPS
+                and done - collapse_warned >= COLLAPSE_WARN_STEPS and di.is_main):
             collapse_warned = done
             tqdm.write(f"[vqtok] WARNING step {done}: codebook collapse signalled by the quantizer "
                        f"(usage {_scalar(stats.get('usage', 0)):.3f}, perplexity {_scalar(stats.get('perplexity', 0)):.1f}, "
