@@ -7,7 +7,7 @@ At the study's shape (a [24, 16, 8, 8] latent: 1536 tokens of 16 channels; the s
   codebook-health update included) and the peer's ``FSQ(levels=..., dim=16)`` on the same latent,
   called as the study calls them (the peer through the study's channel-last adapter); forward,
   loss mean(out^2), backward. The step's share of a study training step is small (the
-  autoencoder's own step is 10-20 ms here), so the study's ``train s`` and ``cost`` columns
+  autoencoder's own step took 7-22 ms on this machine), so the study's ``train s`` and ``cost`` columns
   cannot resolve it; this can.
 * ``train``: the study's whole training step (``quantizer_study.train_step``: its autoencoder
   around each FSQ, MSE + the quantizer's loss, backward, AdamW) on a fixed batch of 24 32 px
