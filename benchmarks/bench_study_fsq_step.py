@@ -46,13 +46,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantizer_study as study  # noqa: E402  (the study's levels, adapter, model and step)
 
 
-def _module_steps(levels: list[int], z: torch.Tensor) -> dict:
-    """Step functions of the two FSQ modules on ``z`` [B, D, h, w] (peer omitted when missing)."""
+def _builders(levels: list[int], dim: int) -> dict:
+    """Builders of the two FSQ modules as the study calls them (the peer through its channel-last
+    adapter; omitted when vector-quantize-pytorch is missing)."""
     from vqtok.quantizers import FSQ
 
-    d = z.shape[1]
-    ours = FSQ(levels, dim=d).train()
-    steps = {}
+    builders = {"vqtok": lambda: FSQ(levels, dim=dim)}
+    try:
+        import vector_quantize_pytorch as vqp
+    except ImportError:
+        return builders
+    builders["vector-quantize-pytorch"] = lambda: study.PeerAdapter(
+        vqp.FSQ(levels=levels, dim=dim), math.prod(levels), False)
+    return builders
+
+
+def _module_steps(levels: list[int], z: torch.Tensor) -> dict:
+    """Step functions of the two FSQ modules on ``z`` [B, D, h, w]."""
 
     def step_of(module):
         def step():
@@ -60,32 +70,15 @@ def _module_steps(levels: list[int], z: torch.Tensor) -> dict:
             module(x).quantized.square().mean().backward()
         return step
 
-    steps["vqtok"] = step_of(ours)
-    try:
-        import vector_quantize_pytorch as vqp
-    except ImportError:
-        return steps
-    peer = study.PeerAdapter(vqp.FSQ(levels=levels, dim=d), math.prod(levels), False).train()
-    steps["vector-quantize-pytorch"] = step_of(peer)
-    return steps
+    return {name: step_of(build().train()) for name, build in _builders(levels, z.shape[1]).items()}
 
 
 def _train_steps(levels: list[int], batch: int, seed: int) -> dict:
     """The study's training step with each FSQ (same autoencoder init, same batch)."""
-    from vqtok.quantizers import FSQ
-
     cfg = study.FULL
-    quantizers = {"vqtok": lambda: FSQ(levels, dim=cfg.latent_dim)}
-    try:
-        import vector_quantize_pytorch as vqp
-
-        quantizers["vector-quantize-pytorch"] = lambda: study.PeerAdapter(
-            vqp.FSQ(levels=levels, dim=cfg.latent_dim), math.prod(levels), False)
-    except ImportError:
-        pass
     x = torch.rand(batch, 3, cfg.crop, cfg.crop, generator=torch.Generator().manual_seed(seed))
     steps = {}
-    for name, build in quantizers.items():
+    for name, build in _builders(levels, cfg.latent_dim).items():
         torch.manual_seed(seed)
         model = study.StudyAE(build(), cfg.latent_dim, cfg.width, cfg.latent_norm).train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)

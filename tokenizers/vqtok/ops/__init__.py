@@ -74,6 +74,19 @@ class _Direct(torch.autograd.Function):
         return ctx.backward_fn(grad_codes.contiguous(), z, *ctx.args).to(z.dtype), None, None, None
 
 
+def _quantize(flat: torch.Tensor, backend: str, op: str, backward_op: str | None, args: tuple, registered):
+    """(codes, indices) of an elementwise quantiser on ``flat``: ``registered(flat, *args, backend)``
+    (the custom op) under torch.compile or for tensor subclasses, else the backend's ``op`` called
+    directly, under ``_Direct`` when a gradient is wanted (``backward_op`` None: straight-through)."""
+    if not _eager(flat):
+        return registered(flat, *args, backend)
+    forward = resolve(op, backend, flat.device)
+    if not (flat.requires_grad and torch.is_grad_enabled()):
+        return forward(flat, *args)
+    backward = resolve(backward_op, backend, flat.device) if backward_op else None
+    return _Direct.apply(flat, forward, backward, args)
+
+
 # --------------------------------------------------------------------------------------------
 # nearest_code
 # --------------------------------------------------------------------------------------------
@@ -201,14 +214,7 @@ def fsq_quantize(z: torch.Tensor, levels, *, backend: str | Backend = "auto"):
     _check_finite_unless_fused("fsq_forward", "z", name, z)
     lead = z.shape[:-1]
     flat = z.reshape(-1, len(levels)).contiguous()
-    if _eager(flat):
-        fwd = resolve("fsq_forward", name, flat.device)
-        if flat.requires_grad and torch.is_grad_enabled():
-            codes, idx = _Direct.apply(flat, fwd, resolve("fsq_backward", name, flat.device), (levels,))
-        else:
-            codes, idx = fwd(flat, levels)
-    else:
-        codes, idx = _fsq_forward(flat, levels, name)
+    codes, idx = _quantize(flat, name, "fsq_forward", "fsq_backward", (levels,), _fsq_forward)
     return codes.to(z.dtype).reshape(z.shape), idx.reshape(lead)
 
 
@@ -269,14 +275,7 @@ def lfq_quantize(z: torch.Tensor, *, backend: str | Backend = "auto"):
     name = _backend_name(backend)
     _check_finite_unless_fused("lfq_forward", "z", name, z)
     flat = z.reshape(-1, bits).contiguous()
-    if _eager(flat):
-        fwd = resolve("lfq_forward", name, flat.device)
-        if flat.requires_grad and torch.is_grad_enabled():
-            codes, idx = _Direct.apply(flat, fwd, None, ())
-        else:
-            codes, idx = fwd(flat)
-    else:
-        codes, idx = _lfq_forward(flat, name)
+    codes, idx = _quantize(flat, name, "lfq_forward", None, (), _lfq_forward)
     return codes.to(z.dtype).reshape(z.shape), idx.reshape(z.shape[:-1])
 
 

@@ -126,11 +126,16 @@ def fsq_index_dtype(levels: list[int]) -> torch.dtype:
     return torch.int64 if math.prod(levels) >= 2**31 else torch.int32
 
 
+def fsq_bound(z: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [M, d] -> (the bounded value float32 [M, d] in level units, which the codes round, and
+    half_width = L // 2 [d], which divides a level into a code)."""
+    half_l, offset, shift, half_width = fsq_constants(levels, device=z.device)
+    return _tanh_rn(z.to(torch.float32) + shift) * half_l - offset, half_width
+
+
 def fsq_forward(z: torch.Tensor, levels: list[int]):
     """z [M, d] -> (codes float32 [M, d] in [-1, 1], indices [M] int32/int64)."""
-    half_l, offset, shift, half_width = fsq_constants(levels, device=z.device)
-    z32 = z.to(torch.float32)
-    bound = _tanh_rn(z32 + shift) * half_l - offset
+    bound, half_width = fsq_bound(z, levels)
     q = torch.round(bound)  # round half to even
     codes = q / half_width
     digits = (q + half_width).to(torch.int64)

@@ -30,7 +30,7 @@ from torch import nn
 
 from vqtok.ops import _checks, fsq_entropy, fsq_indices_to_codes, fsq_quantize
 from vqtok.ops.lfq_entropy import MAX_TORCH_BITS
-from vqtok.ops.reference import fsq_constants
+from vqtok.ops.reference import fsq_bound
 
 from . import _common as C
 from .base import Quantizer, QuantizerOutput
@@ -124,9 +124,8 @@ class FSQ(Quantizer):
     def dither(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``codes`` (rounded levels / (L // 2), straight-through) with a ``noise`` fraction of the
         entries replaced in value by (bound(h) + U(-1/2, 1/2)) / (L // 2), gradients unchanged."""
-        half_l, offset, shift, half_width = fsq_constants(self.levels, device=h.device)
         with torch.no_grad():
-            bound = torch.tanh(h + shift) * half_l - offset
+            bound, half_width = fsq_bound(h, self.levels)  # the value the codes round
             dithered = (bound + torch.rand_like(bound) - 0.5) / half_width
             pick = torch.rand_like(bound) < self.noise
             delta = torch.where(pick, dithered - codes, torch.zeros_like(codes))
