@@ -2,11 +2,13 @@
 
     python benchmarks/study_markdown.py study.json              # the results table
     python benchmarks/study_markdown.py seeds.json --seeds      # mean [min, max] over each row's seeds
+    python benchmarks/study_markdown.py seeds.json --pairs      # each vqtok row against its peer, seed by seed
 
 Reads what ``quantizer_study.py --json`` wrote (one run, or several merged: ``--seeds`` groups the
-rows of every file by family, implementation and size). The ``setup`` column is written from each
-row's build arguments and the run's config (restart threshold and stop, entropy terms, levels), so
-the table says how every row was built without reading the JSON.
+rows of every file by family, implementation and size; ``--pairs`` matches each vqtok row with its
+vector-quantize-pytorch counterpart at the same size and seed). The ``setup`` column is written
+from each row's build arguments and the run's config (restart threshold and stop, entropy terms,
+levels), so the table says how every row was built without reading the JSON.
 """
 
 from __future__ import annotations
@@ -147,10 +149,53 @@ def seed_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pair_table(runs: list[dict]) -> str:
+    """Each vqtok row against its vector-quantize-pytorch counterpart (``quantizer_study.PEER_FAMILY``)
+    at the same size, over the seeds both ran: mean usage and PSNR of each, the seeds at which the
+    vqtok row is at or ahead of the peer's, the PSNR difference (vqtok - peer) as mean [min, max]
+    and the mean training seconds. One seed's order can be the rounding's (README), so the pair is
+    read seed by seed."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from quantizer_study import PEER_FAMILY
+
+    rows = {}
+    for run in runs:
+        for r in run["results"]:
+            if "skipped" not in r:
+                rows[(r["family"], r["impl"], r["log2_codes"], r.get("seed", 0))] = r
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for (family, impl, b, seed), r in rows.items():
+        peer = rows.get((PEER_FAMILY.get(family), "vector-quantize-pytorch", b, seed))
+        if impl == "vqtok" and peer is not None:
+            groups.setdefault((family, PEER_FAMILY[family], b), []).append((r, peer))
+    lines = ["| family | peer family | codes | seeds | usage, vqtok / peer | usage at or ahead | PSNR, vqtok / peer "
+             "| PSNR at or ahead | PSNR difference | train s, vqtok / peer |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for (family, peer_family, b), pairs in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0])):
+        pairs.sort(key=lambda p: p[0].get("seed", 0))
+        n = len(pairs)
+
+        def mean(key, side):
+            return sum(p[side][key] for p in pairs) / n
+
+        ahead = {k: sum(v[k] >= w[k] for v, w in pairs) for k in ("usage", "psnr")}
+        lines.append(
+            f"| {family} | {peer_family} | 2^{b} | {','.join(str(p[0].get('seed', 0)) for p in pairs)} "
+            f"| {mean('usage', 0):.3f} / {mean('usage', 1):.3f} | {ahead['usage']} of {n} "
+            f"| {mean('psnr', 0):.2f} / {mean('psnr', 1):.2f} | {ahead['psnr']} of {n} "
+            f"| {_spread([v['psnr'] - w['psnr'] for v, w in pairs], '+.2f')} "
+            f"| {mean('train_s', 0):.0f} / {mean('train_s', 1):.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("json", nargs="+", help="quantizer_study.py --json output(s)")
     ap.add_argument("--seeds", action="store_true", help="mean [min, max] over seeds instead of the results table")
+    ap.add_argument("--pairs", action="store_true",
+                    help="each vqtok row against its vector-quantize-pytorch counterpart, seed by seed")
     args = ap.parse_args(argv)
     runs = []
     for path in args.json:
@@ -161,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(run, dict) or not {"results", "config"} <= run.keys():
             ap.error(f"{path}: not a quantizer_study.py JSON (no 'results' and 'config')")
         runs.append(run)
-    if args.seeds:
+    if args.seeds and args.pairs:
+        ap.error("--seeds and --pairs are two different tables: give one")
+    if args.pairs:
+        print(pair_table(runs))
+    elif args.seeds:
         print(seed_table(runs))
     else:
         for run in runs:

@@ -101,3 +101,30 @@ def test_results_table_and_seed_table(md, tmp_path, capsys):
     with pytest.raises(SystemExit):
         md.main([str(bad)])
     assert "not a quantizer_study.py JSON" in capsys.readouterr().err
+
+
+def test_pair_table_reads_each_vqtok_row_against_its_peer_seed_by_seed(md, tmp_path, capsys):
+    """--pairs: each vqtok row with its vector-quantize-pytorch counterpart (PEER_FAMILY: LFQ with
+    lfq-entropy) at the same size and seed; seeds only one side ran, and rows with no peer, are left out."""
+    fsq = {"quantizer": "fsq", "levels": [8, 5, 5, 5]}
+    results = []
+    for seed, (uv, pv, up, pp) in enumerate(((0.9, 28.0, 0.8, 27.0), (0.7, 26.0, 0.8, 27.5), (0.8, 29.0, 0.8, 28.0))):
+        results += [_row("fsq", "vqtok", 10, fsq, seed=seed, usage=uv, psnr=pv, train_s=20.0),
+                    _row("fsq", "vector-quantize-pytorch", 10, fsq, seed=seed, usage=up, psnr=pp, train_s=30.0)]
+    results += [_row("fsq", "vqtok", 10, fsq, seed=3, usage=0.1, psnr=10.0),  # no peer row at seed 3
+                _row("lfq", "vqtok", 14, {"quantizer": "lfq"}, usage=0.99, psnr=25.0),
+                _row("lfq-entropy", "vector-quantize-pytorch", 14, {"quantizer": "LFQ"}, usage=0.4, psnr=20.0),
+                _row("simvq", "vqtok", 10, {"quantizer": "simvq"})]
+    lines = md.pair_table([{"config": {}, "results": results}]).splitlines()
+    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert lines[2] == ("| fsq | fsq | 2^10 | 0,1,2 | 0.800 / 0.800 | 2 of 3 | 27.67 / 27.50 | 2 of 3 "
+                        "| +0.17 [-1.50, +1.00] | 20 / 30 |")
+    assert lines[3].startswith("| lfq | lfq-entropy | 2^14 | 0 | 0.990 / 0.400 | 1 of 1 | 25.00 / 20.00 | 1 of 1 |")
+
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps({"config": {}, "results": results}))
+    assert md.main([str(path), "--pairs"]) == 0
+    assert "| fsq | fsq | 2^10 | 0,1,2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        md.main([str(path), "--pairs", "--seeds"])
+    assert "two different tables" in capsys.readouterr().err
