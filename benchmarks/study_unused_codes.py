@@ -10,6 +10,11 @@ both), and for each group reports:
   training crops (the crops the row trained on, drawn anew). Codes unused on the training photos'
   dense views but hit here serve only crop borders; codes hit by neither are dead on the training
   data as well;
+- ``train-mode hits``: the same crops, in batches of the row's training batch, with the latent
+  standardised as in training (a copy of the model whose latent standardisation moves its running
+  statistics towards each batch before applying them; the quantizer in eval mode, so no code
+  moves). Codes hit here but not in eval mode serve only the batch-to-batch jitter of the training
+  latent, which evaluation never produces;
 - the EMA count (``cluster_size``: tokens a step) over the mean code's, median: a code unused at the
   end but with a count near the mean was still winning tokens in the last ~1 / (1 - decay) steps,
   so the final encoder has moved away from it;
@@ -26,6 +31,7 @@ both), and for each group reports:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import warnings
@@ -68,11 +74,18 @@ def record_restarts(quantizer: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fresh_crop_counts(model: torch.nn.Module, crops: qs.Crops, n: int, batch: int = 256) -> torch.Tensor:
-    """int64 [K]: codes picked over ``n`` fresh random training crops (encoder + quantizer, eval mode)."""
+def fresh_crop_counts(model: torch.nn.Module, crops: qs.Crops, n: int, batch: int = 256,
+                      train_latent: bool = False) -> torch.Tensor:
+    """int64 [K]: codes picked over ``n`` fresh random training crops (encoder + quantizer, eval mode).
+    ``train_latent``: the encoder's latent standardisation in training mode instead, on a copy of
+    ``model`` (its running statistics move batch by batch, so ``batch`` should be the training
+    batch); ``model`` itself is left as it was."""
     k = int(model.quantizer.codebook_size)
     counts = torch.zeros(k, dtype=torch.int64)
+    if train_latent:
+        model = copy.deepcopy(model)
     model.eval()
+    model.latent_norm.train(train_latent)
     for s in range(0, n, batch):
         idx = model.quantizer.encode(model.encoder(crops.batch(min(batch, n - s))))
         counts += torch.bincount(idx.reshape(-1), minlength=k)
@@ -92,7 +105,7 @@ def nearest_other(codes: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor,
 
 
 def summarise(groups: dict[str, torch.Tensor], fresh: torch.Tensor, ema: torch.Tensor, last: torch.Tensor,
-              nn_dist: torch.Tensor, nn_unused: torch.Tensor) -> list[dict]:
+              nn_dist: torch.Tensor, nn_unused: torch.Tensor, fresh_train: torch.Tensor) -> list[dict]:
     """One row per group of codes (a bool mask [K] each): the statistics of the module docstring."""
     mean_ema = float(ema.mean())
     rows = []
@@ -103,6 +116,7 @@ def summarise(groups: dict[str, torch.Tensor], fresh: torch.Tensor, ema: torch.T
             restarted = last[mask] >= 0
             row.update(
                 fresh_hits=int((fresh[mask] > 0).sum()),
+                train_mode_hits=int((fresh_train[mask] > 0).sum()),
                 ema_over_mean=float(ema[mask].median()) / mean_ema,
                 last_restart_median=float(last[mask][restarted].float().median()) if restarted.any() else None,
                 never_restarted=int((~restarted).sum()),
@@ -119,6 +133,7 @@ def table(rows: list[dict]) -> str:
 
     return format_table([{
         "codes": r["codes"], "n": r["n"], "fresh hits": r.get("fresh_hits", "-"),
+        "train-mode hits": r.get("train_mode_hits", "-"),
         "EMA / mean": fmt(r.get("ema_over_mean"), ".3f"), "last restart": fmt(r.get("last_restart_median"), ".0f"),
         "never restarted": r.get("never_restarted", "-"), "nearest dist": fmt(r.get("nearest_code_distance"), ".4f"),
         "nearest unused": fmt(r.get("nearest_code_unused"), ".3f")} for r in rows])
@@ -147,14 +162,17 @@ def run(name: str, cfg: qs.StudyConfig, crops: int, crop_seed: int = 12345) -> d
     model, counts = res.pop("model"), res.pop("code_counts")
     vq = vq_layers(model.quantizer)[0]
     used_in, used_out = counts["held_in"][0] > 0, counts["held_out"][0] > 0
-    fresh = fresh_crop_counts(model, qs.Crops(train.photos, cfg.crop, crop_seed), crops)
+    fresh, fresh_train = (fresh_crop_counts(model, qs.Crops(train.photos, cfg.crop, crop_seed), crops, cfg.batch,
+                                            train_latent=mode) for mode in (False, True))
     nn_dist, nn_idx = nearest_other(vq.codes().detach())
     groups = {"unused held-in": ~used_in, "unused held-out only": used_in & ~used_out, "used on both": used_in & used_out}
-    stats = summarise(groups, fresh, vq.cluster_size.detach().cpu(), recorded["last"], nn_dist, ~used_in[nn_idx])
+    stats = summarise(groups, fresh, vq.cluster_size.detach().cpu(), recorded["last"], nn_dist, ~used_in[nn_idx],
+                      fresh_train)
     summary = {k: res[k] for k in ("family", "impl", "log2_codes", "setup", "usage", "held_in_usage", "perplexity",
                                    "collapse", "psnr", "steps", "restarts")}
     summary["fresh_crop_usage"] = float((fresh > 0).float().mean())
     summary["fresh_crop_tokens"] = int(fresh.sum())
+    summary["fresh_crop_usage_train_latent"] = float((fresh_train > 0).float().mean())
     return {"row": summary, "groups": stats}
 
 
@@ -182,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(e))
     r = out["row"]
     print(f"{args.row}: usage {r['usage']:.3f} held-out, {r['held_in_usage']:.3f} held-in, "
-          f"{r['fresh_crop_usage']:.3f} on {r['fresh_crop_tokens']} fresh training-crop tokens; "
+          f"{r['fresh_crop_usage']:.3f} on {r['fresh_crop_tokens']} fresh training-crop tokens "
+          f"({r['fresh_crop_usage_train_latent']:.3f} with the latent standardised as in training); "
           f"PSNR {r['psnr']:.2f} dB; {r['restarts']} restarts over {r['steps']} steps")
     print(table(out["groups"]))
     if args.json:

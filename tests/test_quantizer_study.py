@@ -549,6 +549,19 @@ def test_running_standardize_is_the_same_in_training_and_evaluation(qs):
 
 
 @pytest.mark.parametrize("norm", ["running", "batch"])
+def test_latent_momentum_reaches_the_standardisation(qs, norm):
+    """--set latent_momentum=M: a row's latent standardisation moves its running statistics by M
+    towards each batch; 0.1 by default."""
+    row = [r for r in qs.vqtok_rows(qs.QUICK) if r.family == "fsq"][0]
+    for m in (None, 0.01):
+        cfg = qs.override(dataclasses.replace(qs.QUICK, latent_norm=norm), [] if m is None else [f"latent_momentum={m}"])
+        assert qs.build_model(row, cfg).latent_norm.momentum == (0.1 if m is None else m)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="momentum"):
+            qs.StudyAE(torch.nn.Identity(), 4, 8, norm=norm, momentum=bad)
+
+
+@pytest.mark.parametrize("norm", ["running", "batch"])
 def test_latent_norm_choice(qs, norm):
     cfg = dataclasses.replace(qs.QUICK, steps=3, latent_norm=norm)
     photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
@@ -595,9 +608,30 @@ def test_unused_codes_report_partitions_the_codebook(unused, tmp_path, capsys):
     assert groups["unused held-in"]["n"] == round((1 - r["held_in_usage"]) * k)
     assert groups["used on both"]["n"] <= round(r["usage"] * k)
     assert r["fresh_crop_tokens"] == 40 * 64 and r["steps"] == 6 and r["restarts"] > 0
+    assert 0 < r["fresh_crop_usage_train_latent"] <= 1
+    assert all(0 <= g["train_mode_hits"] <= g["n"] for g in groups.values() if g["n"])
     restarted = [g for g in groups.values() if g["n"] and g["last_restart_median"] is not None]
     assert restarted and all(1 <= g["last_restart_median"] <= 6 for g in restarted)
     assert sum(g["n"] - g["never_restarted"] for g in groups.values() if g["n"]) > 0
     for bad in ("fsq/vqtok/2^10", "no-such-row/vqtok/2^10"):
         with pytest.raises(SystemExit):
             unused.main(["--row", bad, "--quick"])
+
+
+def test_unused_codes_train_mode_latent_on_a_copy(unused):
+    """fresh_crop_counts(train_latent=True) standardises the latent as in training (running statistics
+    moving towards each batch: here from their init, so the codes picked differ from eval mode's) on a
+    copy: the model's own statistics do not move."""
+    from vqtok.quantizers import build_quantizer
+
+    qs = unused.qs
+    torch.manual_seed(0)
+    model = qs.StudyAE(build_quantizer("vq", dim=16, codebook_size=64), 16, 8)
+    photos = [torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    before = {k: v.clone() for k, v in model.latent_norm.state_dict().items()}
+    counts = {mode: unused.fresh_crop_counts(model, qs.Crops(photos, 32, 5), 30, 8, train_latent=mode)
+              for mode in (False, True)}
+    assert all(int(c.sum()) == 30 * 64 for c in counts.values())
+    assert not torch.equal(counts[False], counts[True])
+    assert all(torch.equal(v, before[k]) for k, v in model.latent_norm.state_dict().items())
+    assert not model.latent_norm.training
