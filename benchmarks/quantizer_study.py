@@ -9,8 +9,9 @@ vqtok.data's multi-scale sets). Training draws random ``crop``x``crop`` crops (w
 training photos; the held-out photos (retina, the stereo motorcycle pair, flower; the same split as
 vqtok.data) are never trained on. The autoencoder downsamples by 4 (a 32x32 crop is an 8x8 token
 grid) and standardises its latent per channel (``latent_norm``: ``RunningStandardize`` by
-default, the same latent in training and evaluation, or BatchNorm without affine parameters,
-whose training latents are standardised by each batch's own statistics). The latent has
+default, the same statistics in training and evaluation, or BatchNorm without affine parameters,
+whose training latents are standardised by each batch's own statistics; either moves its running
+statistics ``latent_momentum`` of the way towards each training batch). The latent has
 ``latent_dim`` channels, or B for LFQ / BSQ with B bits when B is larger (``Row.min_latent``:
 18 bits projected from 16 channels are linearly dependent, and a Gaussian latent then reaches
 about half of the 2^18 sign patterns). Every row
