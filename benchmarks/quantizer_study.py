@@ -105,6 +105,9 @@ class StudyConfig:
     # puts it; README: at 0.01 the 2^10 VQ pair left fewer codes unused held-out and gained ~1 dB, and
     # three 2^14 rows fell below 99% held-out usage)
     latent_momentum: float = 0.1
+    # "constant", or "lr": the momentum follows the learning rate's schedule (latent_momentum x lr_t / lr,
+    # 0.1 -> 0.01 with the cosine), tracking the encoder while it moves fast and jittering less at the end
+    latent_momentum_decay: str = "constant"
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
     restart_stop: float = 0.9  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
@@ -721,9 +724,13 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     steps = cfg.steps
     t_steps = time.perf_counter()
     restarting, restarts, probe = True, [], []  # restarts: codes restarted at each step (vqtok rows)
+    if cfg.latent_momentum_decay not in ("constant", "lr"):
+        raise ValueError(f"latent_momentum_decay must be 'constant' or 'lr', got {cfg.latent_momentum_decay!r}")
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = group["lr_scale"] * learning_rate(cfg, step, steps)
+        if cfg.latent_momentum_decay == "lr":
+            model.latent_norm.momentum = cfg.latent_momentum * learning_rate(cfg, step, steps) / cfg.lr
         if restarting and step >= cfg.restart_stop * steps:
             stop_restarts(model.quantizer)
             restarting = False

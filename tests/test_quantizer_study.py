@@ -561,6 +561,23 @@ def test_latent_momentum_reaches_the_standardisation(qs, norm):
             qs.StudyAE(torch.nn.Identity(), 4, 8, norm=norm, momentum=bad)
 
 
+def test_latent_momentum_can_follow_the_learning_rate(qs):
+    """latent_momentum_decay="lr": the standardisation's momentum is latent_momentum x lr_t / lr at each
+    step, so with the cosine it ends at latent_momentum x lr_final."""
+    cfg = qs.override(dataclasses.replace(qs.QUICK, steps=3), ["latent_momentum_decay=lr"])
+    photos = qs.photo_set(qs.TRAIN_PHOTOS[:1], cfg.scales)
+    held = qs.photo_set(qs.EVAL_PHOTOS[:1], cfg.scales)
+    row = [r for r in qs.vqtok_rows(cfg) if r.family == "fsq"][0]
+    r = qs.run_row(row, cfg, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held, keep=True)
+    assert r["model"].latent_norm.momentum == pytest.approx(cfg.latent_momentum * cfg.lr_final)
+    constant = dataclasses.replace(cfg, latent_momentum_decay="constant")
+    r = qs.run_row(row, constant, qs.Crops(photos, cfg.crop, 0), qs.tiles(held, cfg.eval_tile)[:4], held, keep=True)
+    assert r["model"].latent_norm.momentum == cfg.latent_momentum
+    with pytest.raises(ValueError, match="latent_momentum_decay"):
+        qs.run_row(row, dataclasses.replace(cfg, latent_momentum_decay="cosine"), qs.Crops(photos, cfg.crop, 0),
+                   qs.tiles(held, cfg.eval_tile)[:4], held)
+
+
 @pytest.mark.parametrize("norm", ["running", "batch"])
 def test_latent_norm_choice(qs, norm):
     cfg = dataclasses.replace(qs.QUICK, steps=3, latent_norm=norm)
