@@ -100,13 +100,10 @@ class StudyConfig:
     lr_decay: str = "cosine"  # "constant" or "cosine" (to lr * lr_final over the row's steps)
     lr_final: float = 0.1
     latent_norm: str = "running"  # latent standardisation: "running" (RunningStandardize) or "batch" (BatchNorm)
-    # how far the latent standardisation's running statistics move towards each training batch (applied
-    # in training after the move, so a training batch's latent is shifted a little from where evaluation
-    # puts it; README: at 0.01 the 2^10 VQ pair left fewer codes unused held-out and gained ~1 dB, and
-    # three 2^14 rows fell below 99% held-out usage)
+    # how far the latent standardisation's running statistics move towards each training batch before a
+    # training step applies them (so a training batch's latent sits a little off the evaluation one; README)
     latent_momentum: float = 0.1
-    # "constant", or "lr": the momentum follows the learning rate's schedule (latent_momentum x lr_t / lr,
-    # 0.1 -> 0.01 with the cosine), tracking the encoder while it moves fast and jittering less at the end
+    # "constant", or "lr": the momentum follows the learning rate's schedule (latent_momentum x lr_t / lr)
     latent_momentum_decay: str = "constant"
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
@@ -727,10 +724,11 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     if cfg.latent_momentum_decay not in ("constant", "lr"):
         raise ValueError(f"latent_momentum_decay must be 'constant' or 'lr', got {cfg.latent_momentum_decay!r}")
     for step in range(cfg.steps):
+        lr = learning_rate(cfg, step, steps)
         for group in opt.param_groups:
-            group["lr"] = group["lr_scale"] * learning_rate(cfg, step, steps)
+            group["lr"] = group["lr_scale"] * lr
         if cfg.latent_momentum_decay == "lr":
-            model.latent_norm.momentum = cfg.latent_momentum * learning_rate(cfg, step, steps) / cfg.lr
+            model.latent_norm.momentum = cfg.latent_momentum * lr / cfg.lr
         if restarting and step >= cfg.restart_stop * steps:
             stop_restarts(model.quantizer)
             restarting = False

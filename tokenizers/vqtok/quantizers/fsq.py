@@ -128,7 +128,7 @@ class FSQ(Quantizer):
             bound, half_width = fsq_bound(h, self.levels)  # the value the codes round
             dithered = (bound + torch.rand_like(bound) - 0.5) / half_width
             pick = torch.rand_like(bound) < self.noise
-            delta = torch.where(pick, dithered - codes, torch.zeros_like(codes))
+            delta = torch.where(pick, dithered - codes, 0.0)
         return codes + delta
 
     def entropy_loss(self, per_sample: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
