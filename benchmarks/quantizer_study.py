@@ -11,7 +11,8 @@ vqtok.data) are never trained on. The autoencoder downsamples by 4 (a 32x32 crop
 grid) and standardises its latent per channel (``latent_norm``: ``RunningStandardize`` by
 default, the same statistics in training and evaluation, or BatchNorm without affine parameters,
 whose training latents are standardised by each batch's own statistics; either moves its running
-statistics ``latent_momentum`` of the way towards each training batch). The latent has
+statistics ``latent_momentum`` of the way towards each training batch, scaled down with the learning
+rate by default: ``latent_momentum_decay``). The latent has
 ``latent_dim`` channels, or B for LFQ / BSQ with B bits when B is larger (``Row.min_latent``:
 18 bits projected from 16 channels are linearly dependent, and a Gaussian latent then reaches
 about half of the 2^18 sign patterns). Every row
@@ -103,8 +104,9 @@ class StudyConfig:
     # how far the latent standardisation's running statistics move towards each training batch before a
     # training step applies them (so a training batch's latent sits a little off the evaluation one; README)
     latent_momentum: float = 0.1
-    # "constant", or "lr": the momentum follows the learning rate's schedule (latent_momentum x lr_t / lr)
-    latent_momentum_decay: str = "constant"
+    # "lr": the momentum follows the learning rate's schedule (latent_momentum x lr_t / lr, so 0.1 to 0.01
+    # with the cosine), or "constant" (the tables before commit 9db9ce5's pairs over ten seeds; README)
+    latent_momentum_decay: str = "lr"
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
     restart_stop: float = 0.9  # dead-code restarts stop after this fraction of a row's steps (1.0: never)
