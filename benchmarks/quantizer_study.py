@@ -105,7 +105,7 @@ class StudyConfig:
     # training step applies them (so a training batch's latent sits a little off the evaluation one; README)
     latent_momentum: float = 0.1
     # "lr": the momentum follows the learning rate's schedule (latent_momentum x lr_t / lr, so 0.1 to 0.01
-    # with the cosine), or "constant" (the tables before commit 9db9ce5's pairs over ten seeds; README)
+    # with the cosine), or "constant" (the study's tables up to commit 9db9ce5; README, Earlier runs)
     latent_momentum_decay: str = "lr"
     init_tokens_per_code: int = 2  # k-means rows: the first (init) batch has this many tokens per code
     restart_share: float = 1.0  # restart codes whose EMA count per step is below this x T / K
