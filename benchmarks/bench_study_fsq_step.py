@@ -80,7 +80,7 @@ def _train_steps(levels: list[int], batch: int, seed: int) -> dict:
     steps = {}
     for name, build in _builders(levels, cfg.latent_dim).items():
         torch.manual_seed(seed)
-        model = study.StudyAE(build(), cfg.latent_dim, cfg.width, cfg.latent_norm, cfg.latent_momentum).train()
+        model = study.study_model(build(), cfg).train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
         steps[name] = lambda model=model, opt=opt: study.train_step(model, opt, x)
     return steps

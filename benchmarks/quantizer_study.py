@@ -359,6 +359,12 @@ class StudyAE(nn.Module):
         return SimpleNamespace(recon=self.decoder(q.quantized), quant=q)
 
 
+def study_model(quantizer: nn.Module, cfg: StudyConfig, latent_dim: int | None = None) -> StudyAE:
+    """The study's autoencoder around ``quantizer`` as ``cfg`` sets it (width, latent standardisation
+    and its momentum), with ``latent_dim`` (default ``cfg.latent_dim``) latent channels."""
+    return StudyAE(quantizer, latent_dim or cfg.latent_dim, cfg.width, cfg.latent_norm, cfg.latent_momentum)
+
+
 class PeerAdapter(nn.Module):
     """A vector-quantize-pytorch module behind vqtok's channel-first interface.
 
@@ -630,7 +636,7 @@ def base_step_s(cfg: StudyConfig, train: Crops, latent_dim: int | None = None) -
     crops, with ``latent_dim`` (default ``cfg.latent_dim``) latent channels. Rows measure it just
     before they train, so their cost (step time / this) does not move with the machine's speed,
     which on a shared virtual machine changes from minute to minute."""
-    model = StudyAE(PassThrough(), latent_dim or cfg.latent_dim, cfg.width, cfg.latent_norm, cfg.latent_momentum)
+    model = study_model(PassThrough(), cfg, latent_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     model.train()
     times = []
@@ -678,7 +684,7 @@ def build_model(row: Row, cfg: StudyConfig) -> StudyAE:
             warnings.simplefilter("ignore")
             quantizer = row.build(cfg)
     torch.manual_seed(cfg.seed)
-    return StudyAE(quantizer, row.latent_dim(cfg), cfg.width, cfg.latent_norm, cfg.latent_momentum)
+    return study_model(quantizer, cfg, row.latent_dim(cfg))
 
 
 def param_groups(model: StudyAE, row: Row) -> list[dict]:
@@ -706,6 +712,8 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     base = {"family": row.family, "impl": row.impl, "log2_codes": row.log2_codes, "setup": row.setup}
     if row.skip:
         return {**base, "skipped": row.skip}
+    if cfg.latent_momentum_decay not in ("constant", "lr"):
+        raise ValueError(f"latent_momentum_decay must be 'constant' or 'lr', got {cfg.latent_momentum_decay!r}")
     latent_dim = row.latent_dim(cfg)
     base_s = base_step_s(cfg, train, latent_dim)  # before the row's seeds: its crops and weights do not see it
     stop_s = min(cfg.max_train_s, 1.25 * cfg.budget * cfg.steps * base_s)
@@ -723,8 +731,6 @@ def run_row(row: Row, cfg: StudyConfig, train: Crops, held_out: torch.Tensor,
     steps = cfg.steps
     t_steps = time.perf_counter()
     restarting, restarts, probe = True, [], []  # restarts: codes restarted at each step (vqtok rows)
-    if cfg.latent_momentum_decay not in ("constant", "lr"):
-        raise ValueError(f"latent_momentum_decay must be 'constant' or 'lr', got {cfg.latent_momentum_decay!r}")
     for step in range(cfg.steps):
         lr = learning_rate(cfg, step, steps)
         for group in opt.param_groups:
